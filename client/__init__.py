@@ -1,0 +1,1 @@
+"""hakuriver.client: the command line and Python API for submitting and querying tasks."""

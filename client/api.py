@@ -1,0 +1,319 @@
+"""The client's conversation with the broker, usable from Python as well as from the CLI.
+
+Submitting needs only the broker: targets are checked against each runner's retained
+node info, task messages go out ``mandatory`` with pipelined publisher confirms, and
+``wait`` listens on the events exchange (subscribed before publishing, so no event
+can slip by). Queries go to the host over RPC.
+
+    async with Client(config) as client:
+        tasks = client.make_tasks(spec, targets=["node1"])
+        await client.check_targets(tasks)
+        waiter = await client.waiter([t.task_id for t in tasks])
+        await client.submit(tasks)
+        results = await waiter.wait()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from hakuriver import broker, ids, rpc
+from hakuriver.rpc import HostUnavailable
+from hakuriver.config import Config
+from hakuriver.messages import Kill, NodeInfo, OutputChunk, StateEvent, Task
+from hakuriver.states import TaskState
+from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
+
+PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.state and filters
+PUBLISH_WINDOW = 512            # publishes awaiting their confirm at once
+
+
+class BadRequest(Exception):
+    """Bad input found only with the broker's help (unknown node, NUMA id); exit code 2."""
+
+
+@dataclass
+class TaskSpec:
+    """What the user asked for, before it becomes one task per target."""
+
+    command: str
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cores: float = 0
+    memory: int | None = None
+    container: str | None = None
+    privileged: bool = False
+    mounts: list = field(default_factory=list)
+    retries: int = 0
+
+
+def parse_target(text: str) -> tuple[str, int | None]:
+    """``node`` or ``node:N`` → (node, N)."""
+    node, sep, numa = text.partition(":")
+    if not node:
+        raise ValueError(f"invalid target {text!r}")
+    if not sep:
+        return node, None
+    if not numa.isdigit():
+        raise ValueError(f"invalid NUMA id in target {text!r} (use NODE:N with N ≥ 0)")
+    return node, int(numa)
+
+
+class Client:
+    def __init__(self, config: Config):
+        self.config = config
+        self.topo = Topology(config.broker.prefix)
+        self._connection = None
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._connection = await broker.connect(self.config.broker.url, "hakuriver.client")
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self.exchanges = await broker.declare_exchanges(self._channel, self.topo)
+        self._rpc = rpc.RpcClient(self._channel, self.topo)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    # ---- submitting -------------------------------------------------------------------
+
+    def make_tasks(self, spec: TaskSpec, targets: list[str],
+                   arg_lists: Iterable[list[str]] | None = None) -> list[Task]:
+        """One task per target (or per combination, round-robin over the targets), one batch id."""
+        batch = ids.new_id()
+        user, host, now = getpass.getuser(), socket.gethostname(), time.time()
+        parsed = [parse_target(t) for t in (targets or [POOL_KEY])]
+        common = dict(batch_id=batch, command=spec.command, env=spec.env, cores=spec.cores, memory=spec.memory,
+                      container=spec.container, privileged=spec.privileged, mounts=spec.mounts,
+                      retries=spec.retries, user=user, submit_host=host, submitted_at=now)
+        if arg_lists is None:
+            return [Task(task_id=ids.new_id(), args=spec.args, target=node, numa=numa, **common)
+                    for node, numa in parsed]
+        return [Task(task_id=ids.new_id(), args=args, target=parsed[i % len(parsed)][0],
+                     numa=parsed[i % len(parsed)][1], **common)
+                for i, args in enumerate(arg_lists)]
+
+    async def node_info(self, node: str) -> NodeInfo | None:
+        """The runner's retained self-description; None if the node is unknown to the broker."""
+        channel = await self._connection.channel()
+        try:
+            queue = await channel.declare_queue(self.topo.nodeinfo_queue(node), passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return None
+        try:
+            for _ in range(50):  # another client may hold the one message for a moment
+                message = await queue.get(no_ack=False, fail=False)
+                if message is not None:
+                    await message.nack(requeue=True)
+                    return NodeInfo.from_bytes(message.body)
+                await asyncio.sleep(0.01)
+            return NodeInfo(node=node)
+        finally:
+            await channel.close()
+
+    async def check_targets(self, tasks: list[Task]) -> None:
+        """Refuse unknown nodes and NUMA ids a node does not have, before anything is published."""
+        wanted: dict[str, set[int]] = {}
+        for task in tasks:
+            if task.target != POOL_KEY:
+                wanted.setdefault(task.target, set())
+                if task.numa is not None:
+                    wanted[task.target].add(task.numa)
+        infos = await asyncio.gather(*(self.node_info(node) for node in wanted))
+        for (node, numas), info in zip(wanted.items(), infos):
+            if info is None:
+                raise BadRequest(f"unknown node {node!r}")
+            missing = sorted(n for n in numas if info.numa and n not in info.numa)
+            if missing:
+                raise BadRequest(f"node {node!r} has no NUMA node {missing[0]} "
+                                 f"(it has {', '.join(map(str, info.numa))})")
+
+    async def submit(self, tasks: list[Task], on_confirmed: Callable[[Task], None] | None = None) -> None:
+        """Publish each task's ``pending`` event and the task itself, pipelined, confirms awaited.
+
+        ``on_confirmed`` is called in submission order once a task is safely with the broker
+        (the CLI prints its id then). A task that comes back unroutable raises BadRequest.
+        """
+        await broker.declare_ledger_queue(self._channel, self.topo, self.exchanges)
+        returned: list[str] = []
+        for start in range(0, len(tasks), PUBLISH_WINDOW):
+            window = tasks[start:start + PUBLISH_WINDOW]
+            results = await asyncio.gather(*(self._publish_task(task) for task in window))
+            for task, result in zip(window, results):
+                if result is not None:
+                    returned.append(task.routing_key)
+                    await self._publish_event(StateEvent(task_id=task.task_id, state=TaskState.REJECTED, seq=1,
+                                                         message=f"unknown node {task.routing_key!r}"))
+                elif on_confirmed is not None:
+                    on_confirmed(task)
+            if returned:
+                raise BadRequest(f"unknown node {returned[0]!r}")
+
+    async def _publish_task(self, task: Task):
+        pending = self._publish_event(StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
+                                                 time=task.submitted_at))
+        publish = self.exchanges.tasks.publish(broker.persistent(task.to_bytes()), routing_key=task.routing_key,
+                                               mandatory=True)
+        _, result = await asyncio.gather(pending, publish)
+        return result if hasattr(result, "delivery") else None
+
+    async def _publish_event(self, event: StateEvent) -> None:
+        await self.exchanges.events.publish(broker.persistent(event.to_bytes()),
+                                            routing_key=self.topo.state_key(event.task_id), mandatory=False)
+
+    async def waiter(self, task_ids: list[int], follow: bool = False) -> "Waiter":
+        waiter = Waiter(self, task_ids, follow)
+        await waiter.subscribe()
+        return waiter
+
+    # ---- control and queries ----------------------------------------------------------
+
+    async def kill(self, task_id: int) -> dict[str, Any] | None:
+        """Send a kill to the task's node (or to every node if the host does not know it yet).
+
+        Returns the task as the ledger had it, or None if the host could not be asked."""
+        try:
+            found = (await self.query("status", {"task_ids": [task_id]}, timeout=3.0))["tasks"]
+        except HostUnavailable:
+            found = None
+        if found == []:
+            raise BadRequest(f"unknown task {task_id}")
+        task = found[0] if found else None
+        if task is not None and TaskState(task["state"]).terminal:
+            return task
+        node = task["node"] if task and task.get("node") else ALL_NODES_KEY
+        body = broker.persistent(Kill(task_id=task_id, user=getpass.getuser()).to_bytes())
+        result = await self.exchanges.control.publish(body, routing_key=node, mandatory=True)
+        if hasattr(result, "delivery") and node != ALL_NODES_KEY:
+            await self.exchanges.control.publish(body, routing_key=ALL_NODES_KEY, mandatory=False)
+        return task
+
+    async def query(self, method: str, params: dict[str, Any], timeout: float = 5.0) -> Any:
+        try:
+            return await self._rpc.call(method, params, timeout=timeout)
+        except rpc.RpcError as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def read_output(self, task_id: int, stream: str, write: Callable[[bytes], None],
+                          follow: bool = False) -> dict[str, Any]:
+        """Copy a task's stored output to ``write``, page by page; with ``follow``, until the task ends."""
+        import base64
+
+        offset = 0
+        while True:
+            page = await self.query("output", {"task_id": task_id, "stream": stream, "offset": offset,
+                                               "length": 4 << 20, "wait": 5.0 if follow else 0.0},
+                                    timeout=15.0)
+            data = base64.b64decode(page["data"])
+            if data:
+                write(data)
+                offset += len(data)
+            if offset < page["size"]:
+                continue
+            if not follow or page["terminal"]:
+                return page
+
+
+class Waiter:
+    """Follows the events of some tasks until each one is terminal."""
+
+    def __init__(self, client: Client, task_ids: list[int], follow: bool):
+        self.client = client
+        self.pending = set(task_ids)
+        self.results: dict[int, StateEvent] = {}
+        self.follow = follow
+        self.on_state: Callable[[StateEvent], None] | None = None
+        self._done = asyncio.Event()
+        self._written = {"stdout": 0, "stderr": 0}
+        if not self.pending:
+            self._done.set()
+
+    async def subscribe(self) -> None:
+        channel = await self.client._connection.channel()
+        exchange = await channel.get_exchange(self.client.topo.events, ensure=False)
+        self._queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        keys: list[str] = []
+        if len(self.pending) <= PER_TASK_BINDINGS_UP_TO:
+            for task_id in self.pending:
+                keys.append(Topology.state_key(task_id))
+                if self.follow:
+                    keys += [Topology.output_key(task_id, "stdout"), Topology.output_key(task_id, "stderr")]
+        else:
+            keys.append("task.*.state")
+        await asyncio.gather(*(self._queue.bind(exchange, key) for key in keys))
+        await self._queue.consume(self._on_message, no_ack=True)
+        self.client._connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def _on_message(self, message: AbstractIncomingMessage) -> None:
+        key = message.routing_key or ""
+        if key.endswith(".state"):
+            try:
+                event = StateEvent.from_bytes(message.body)
+            except ValueError:
+                return
+            self._record(event)
+        elif self.follow:
+            self._write_chunk(message)
+
+    def _record(self, event: StateEvent) -> None:
+        if event.task_id not in self.pending:
+            return
+        if self.on_state is not None:
+            self.on_state(event)
+        if event.state.terminal:
+            self.pending.discard(event.task_id)
+            self.results[event.task_id] = event
+            if not self.pending:
+                self._done.set()
+
+    def _write_chunk(self, message: AbstractIncomingMessage) -> None:
+        try:
+            chunk = OutputChunk.from_headers(message.headers or {}, message.body)
+        except ValueError:
+            return
+        already = self._written[chunk.stream]
+        end = chunk.offset + len(message.body)
+        if end <= already or chunk.offset > already:
+            return  # a duplicate, or ahead of a gap (the ledger still has every byte)
+        out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+        out.write(message.body[already - chunk.offset:])
+        out.flush()
+        self._written[chunk.stream] = end
+
+    def _on_reconnect(self, *_: Any) -> None:
+        asyncio.get_running_loop().create_task(self.catch_up())
+
+    async def catch_up(self) -> None:
+        """Ask the ledger for tasks whose final event may have passed while we were away."""
+        if not self.pending:
+            return
+        try:
+            found = await self.client.query("status", {"task_ids": sorted(self.pending)}, timeout=5.0)
+        except (HostUnavailable, BadRequest):
+            return
+        for task in found["tasks"]:
+            state = TaskState(task["state"])
+            if state.terminal:
+                self._record(StateEvent(task_id=task["task_id"], node=task.get("node"), state=state,
+                                        seq=0, exit_code=task.get("exit_code"), message=task.get("message") or ""))
+
+    async def wait(self, timeout: float | None = None) -> dict[int, StateEvent]:
+        await asyncio.wait_for(self._done.wait(), timeout)
+        return self.results

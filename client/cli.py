@@ -1,0 +1,216 @@
+"""``hakuriver.client``: submit, wait, query, kill.
+
+Only click is imported at start-up; the broker client, pydantic and the rest load
+once the command line is known to be good, so ``--help`` and usage errors are fast.
+Everything for a person goes to stderr; stdout carries only task ids (on submit) or
+the query's answer, so ``TASK=$(hakuriver.client --wait ...)`` holds the id.
+
+Exit codes: 0 ok (with --wait: every task completed); the task's own exit code when
+one task failed with one; 1 other failures (failed/killed/lost/rejected); 2 bad input;
+3 broker or host unreachable, or --timeout passed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+QUERY_OPTIONS = ("status", "stdout", "stderr", "kill", "list_tasks", "list_nodes", "health")
+
+
+class UsageError(Exception):
+    """Bad input found before anything is sent; exit code 2."""
+
+
+def fail(message: str, code: int) -> "NoReturn":  # noqa: F821
+    click.echo(f"hakuriver.client: {message}", err=True)
+    sys.exit(code)
+
+
+def _task_id(text: str, option: str) -> int:
+    if not text.isdigit():
+        raise UsageError(f"invalid task id {text!r} for {option}")
+    return int(text)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False,
+                                 "max_content_width": 100})
+@click.option("--target", "targets", multiple=True, metavar="NODE[:NUMA]",
+              help="Node to run on (repeatable: one task per target); 'any' or none: the shared pool.")
+@click.option("--container", metavar="NAME", help="Container environment; NULL runs on the host. Default from config.")
+@click.option("--cores", metavar="N", help="Cores for the task (0 = no CPU limit).")
+@click.option("--memory", metavar="SIZE", help="Memory limit: 512M, 8G, 1.5G, 8GiB, 2T (binary units).")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
+@click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER[:ro]", help="Extra mount (repeatable).")
+@click.option("--privileged", is_flag=True, help="Ask for a privileged container.")
+@click.option("--retries", metavar="N", help="Run again up to N times if the task ends lost (default 0).")
+@click.option("--wait", is_flag=True, help="Wait for every task; exit with the outcome.")
+@click.option("--follow", is_flag=True, help="With --wait or --stdout/--stderr: stream output live.")
+@click.option("--sweep", is_flag=True, help="Expand span:{a..b} / span:[x,y] in the command: one task per combination.")
+@click.option("--timeout", type=float, metavar="SECONDS", help="With --wait: give up after this long (exit 3).")
+@click.option("--status", "status_ids", multiple=True, metavar="ID", help="Show a task's status (repeatable).")
+@click.option("--stdout", "stdout_id", metavar="ID", help="Print a task's stdout.")
+@click.option("--stderr", "stderr_id", metavar="ID", help="Print a task's stderr.")
+@click.option("--kill", "kill_id", metavar="ID", help="Kill a task (running or waiting).")
+@click.option("--list-tasks", is_flag=True, help="List tasks, newest first.")
+@click.option("--list-nodes", is_flag=True, help="List nodes with resources and health.")
+@click.option("--health", is_flag=False, flag_value="*", default=None, metavar="[NODE]",
+              help="Health of all nodes (or one) and of the host.")
+@click.option("--state", metavar="STATE", help="--list-tasks: only this state.")
+@click.option("--node", metavar="NODE", help="--list-tasks: only this node.")
+@click.option("--batch", metavar="BATCH", help="--list-tasks: only this batch.")
+@click.option("--limit", metavar="N", help="--list-tasks: at most N (default 50).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--config", "config_file", metavar="FILE", help="Config file (default: $HAKURIVER_CONFIG, "
+              "then ~/.hakuriver/config.toml).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def main(**options) -> None:
+    """Run COMMAND on a HakuRiver node, or query and control tasks.
+
+    \b
+      hakuriver.client --target node1 --cores 4 --memory 8G -- python train.py
+      TASK=$(hakuriver.client --wait --target node1 -- make test)
+      hakuriver.client --stdout $TASK
+    """
+    try:
+        request = _validate(options)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE)
+    from client.session import run
+
+    sys.exit(run(request))
+
+
+def _validate(o: dict) -> dict:
+    """Check everything that can be checked without the broker; returns the request."""
+    queries = [name for name in QUERY_OPTIONS if o[name if name not in ("status", "stdout", "stderr", "kill")
+                                                   else {"status": "status_ids", "stdout": "stdout_id",
+                                                         "stderr": "stderr_id", "kill": "kill_id"}[name]]]
+    command = list(o["command"])
+    submit_only = [flag for flag in ("targets", "container", "cores", "memory", "envs", "mounts", "privileged",
+                                     "sweep", "retries") if o[flag]]
+    list_filters = [flag for flag in ("state", "node", "batch", "limit") if o[flag]]
+    if len(queries) > 1:
+        raise UsageError("conflicting options: " + " and ".join("--" + q.replace("_", "-") for q in queries))
+    if queries and command:
+        raise UsageError(f"--{queries[0].replace('_', '-')} takes no command (got {command[0]!r})")
+    if queries and submit_only:
+        raise UsageError(f"--{submit_only[0].rstrip('s')} does not go with --{queries[0].replace('_', '-')}")
+    if list_filters and queries != ["list_tasks"]:
+        raise UsageError(f"--{list_filters[0]} goes with --list-tasks only")
+    if o["timeout"] is not None and (o["timeout"] <= 0 or not o["wait"]):
+        raise UsageError(f"--timeout {o['timeout']:g} needs --wait and a value above 0")
+    if o["follow"] and not (o["wait"] or o["stdout_id"] or o["stderr_id"]):
+        raise UsageError("--follow goes with --wait or --stdout/--stderr")
+    if o["wait"] and queries and queries != ["kill"]:
+        raise UsageError(f"--wait does not go with --{queries[0].replace('_', '-')}")
+    request = {"config_file": o["config_file"], "json": o["as_json"]}
+    if queries:
+        return request | _validate_query(queries[0], o)
+    if not command:
+        raise UsageError("no command given (usage: hakuriver.client [options] -- COMMAND [ARGS...])")
+    if o["as_json"]:
+        raise UsageError("--json is for queries; a submission prints task ids")
+    return request | _validate_submit(command, o)
+
+
+def _validate_query(query: str, o: dict) -> dict:
+    request: dict = {"mode": query}
+    if query == "status":
+        request["task_ids"] = [_task_id(t, "--status") for t in o["status_ids"]]
+    elif query in ("stdout", "stderr"):
+        request["task_id"] = _task_id(o[f"{query}_id"], f"--{query}")
+        request["follow"] = o["follow"]
+    elif query == "kill":
+        request["task_id"] = _task_id(o["kill_id"], "--kill")
+        request["wait"] = o["wait"]
+    elif query == "health":
+        request["node"] = None if o["health"] == "*" else o["health"]
+    elif query == "list_tasks":
+        from hakuriver.states import TaskState
+
+        states = [s.value for s in TaskState]
+        if o["state"] and o["state"] not in states:
+            raise UsageError(f"invalid --state {o['state']!r} (one of {', '.join(states)})")
+        if o["batch"] and not o["batch"].isdigit():
+            raise UsageError(f"invalid --batch {o['batch']!r}")
+        if o["limit"] and (not o["limit"].isdigit() or int(o["limit"]) < 1):
+            raise UsageError(f"invalid --limit {o['limit']!r} (a whole number ≥ 1)")
+        request.update(state=o["state"], node=o["node"], batch=int(o["batch"]) if o["batch"] else None,
+                       limit=int(o["limit"]) if o["limit"] else 50)
+    return request
+
+
+def _validate_submit(command: list[str], o: dict) -> dict:
+    from hakuriver.sizes import parse_size
+
+    cores = 0.0
+    if o["cores"] is not None:
+        try:
+            cores = float(o["cores"])
+        except ValueError:
+            raise UsageError(f"invalid --cores {o['cores']!r} (a number ≥ 0)") from None
+        if cores < 0 or cores != cores or cores == float("inf"):
+            raise UsageError(f"invalid --cores {o['cores']!r} (a number ≥ 0)")
+    memory = None
+    if o["memory"] is not None:
+        try:
+            memory = parse_size(o["memory"])
+        except ValueError as exc:
+            raise UsageError(f"invalid --memory: {exc}") from None
+    env = {}
+    for item in o["envs"]:
+        key, sep, value = item.partition("=")
+        if not sep or not ENV_KEY.match(key):
+            raise UsageError(f"invalid --env {item!r} (use KEY=VALUE with KEY a variable name)")
+        env[key] = value
+    mounts = []
+    for item in o["mounts"]:
+        parts = item.split(":")
+        read_only = len(parts) == 3 and parts[2] == "ro"
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            parts = parts[:2]
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise UsageError(f"invalid --mount {item!r} (use HOST:CONTAINER[:ro])")
+        for path in parts:
+            if not path.startswith("/"):
+                raise UsageError(f"invalid --mount {item!r}: {path!r} is not an absolute path")
+        mounts.append({"host_path": parts[0], "container_path": parts[1], "read_only": read_only})
+    targets = list(o["targets"])
+    for target in targets:
+        node, sep, numa = target.partition(":")
+        if not node or (sep and not numa.isdigit()) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", node):
+            raise UsageError(f"invalid --target {target!r} (use NODE or NODE:NUMA with NUMA a number ≥ 0)")
+        if node == "any" and sep:
+            raise UsageError(f"invalid --target {target!r}: the pool takes no NUMA id")
+    if len(set(targets)) != len(targets):
+        dup = next(t for t in targets if targets.count(t) > 1)
+        raise UsageError(f"--target {dup!r} given twice")
+    retries = 0
+    if o["retries"] is not None:
+        if not o["retries"].isdigit() or int(o["retries"]) > 100:
+            raise UsageError(f"invalid --retries {o['retries']!r} (0 to 100)")
+        retries = int(o["retries"])
+    request = {"mode": "submit", "command": command, "targets": targets, "container": o["container"],
+               "cores": cores, "memory": memory, "env": env, "mounts": mounts, "privileged": o["privileged"],
+               "retries": retries, "wait": o["wait"], "follow": o["follow"], "timeout": o["timeout"],
+               "sweep": o["sweep"]}
+    if o["sweep"]:
+        from hakurun import span
+
+        try:
+            span.validate(command[1:])
+        except ValueError as exc:
+            raise UsageError(f"--sweep: {exc}") from None
+        if not span.has_spans(command[1:]):
+            raise UsageError("--sweep needs at least one span:{a..b} or span:[x,y] argument")
+        request["sweep_size"] = span.count(command[1:])
+    return request
+
+
+if __name__ == "__main__":
+    main()

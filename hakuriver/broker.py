@@ -1,0 +1,97 @@
+"""Connecting to RabbitMQ and declaring the topology of :mod:`hakuriver.topology`.
+
+Every long-lived process (runner, host) uses a robust connection: aio-pika reconnects
+and re-declares what was declared through it. Publishes that matter wait for the
+broker's confirm; events that nobody may be bound to are published non-mandatory.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from hakuriver.topology import Topology
+
+log = logging.getLogger(__name__)
+
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+
+
+class BrokerUnreachable(Exception):
+    """The broker could not be reached; the CLI turns this into exit code 3."""
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages a person reads."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, hostpart = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+async def connect(url: str, name: str, robust: bool = True, timeout: float = 10.0):
+    """Open a connection named ``name`` (shown in the management UI)."""
+    factory = aio_pika.connect_robust if robust else aio_pika.connect
+    try:
+        return await factory(url, client_properties={"connection_name": name}, timeout=timeout)
+    except (OSError, ConnectionError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        raise BrokerUnreachable(f"broker unreachable at {_redact(url)}: {exc or type(exc).__name__}") from None
+
+
+class Exchanges:
+    """The declared exchanges of one channel."""
+
+    def __init__(self, tasks: AbstractExchange, control: AbstractExchange,
+                 events: AbstractExchange, dead: AbstractExchange):
+        self.tasks, self.control, self.events, self.dead = tasks, control, events, dead
+
+
+async def declare_exchanges(channel: AbstractChannel, topo: Topology) -> Exchanges:
+    direct, topic, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.TOPIC, aio_pika.ExchangeType.FANOUT
+    tasks = await channel.declare_exchange(topo.tasks, direct, durable=True)
+    control = await channel.declare_exchange(topo.control, direct, durable=True)
+    events = await channel.declare_exchange(topo.events, topic, durable=True)
+    dead = await channel.declare_exchange(topo.dead, fanout, durable=True)
+    dead_queue = await channel.declare_queue(topo.dead, durable=True)
+    await dead_queue.bind(dead)
+    return Exchanges(tasks, control, events, dead)
+
+
+async def declare_pool_queue(channel: AbstractChannel, topo: Topology, exchanges: Exchanges):
+    queue = await channel.declare_queue(topo.pool, durable=True, arguments=topo.dead_letter_args)
+    await queue.bind(exchanges.tasks, "any")
+    return queue
+
+
+def persistent(body: bytes, headers: dict[str, Any] | None = None, **properties) -> aio_pika.Message:
+    return aio_pika.Message(body, delivery_mode=PERSISTENT, content_type="application/json"
+                            if headers is None else "application/octet-stream",
+                            headers=headers, **properties)
+
+
+async def dead_letter(exchanges: Exchanges, message: AbstractIncomingMessage, reason: str, source: str) -> None:
+    """Move ``message`` to the dead-letter queue with ``reason``, then ack it.
+
+    The consumer goes on with its next message; a bad message never stops it.
+    """
+    log.warning("dead-lettering a message from %s: %s", source, reason)
+    headers = dict(message.headers or {})
+    headers.update({"x-hakuriver-reason": reason[:1000], "x-hakuriver-source": source,
+                    "x-hakuriver-routing-key": message.routing_key or ""})
+    await exchanges.dead.publish(aio_pika.Message(message.body, headers=headers, delivery_mode=PERSISTENT),
+                                 routing_key="", mandatory=False)
+    await message.ack()
+
+
+async def declare_ledger_queue(channel: AbstractChannel, topo: Topology, exchanges: Exchanges):
+    """The host's durable inbox of every event. Publishers declare it too, so events
+    published before the host first starts are kept for it."""
+    queue = await channel.declare_queue(topo.ledger, durable=True, arguments=topo.dead_letter_args)
+    await queue.bind(exchanges.events, "task.#")
+    await queue.bind(exchanges.events, "node.#")
+    return queue

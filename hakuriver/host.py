@@ -1,0 +1,495 @@
+"""The host service (SPEC §7): consumes every event into the ledger and answers queries.
+
+Why it exists: runners and clients talk through the broker alone; the host is the one
+process that remembers. It
+
+- drains ``<prefix>.ledger`` (bound to ``task.#`` and ``node.#`` on the events exchange)
+  in batches: one transaction per batch, then one multiple-ack, so ingestion keeps up
+  with thousands of events per second and nothing is acked before it is committed;
+- marks nodes that stopped sending heartbeats ``offline`` and their running tasks
+  ``lost``, publishing that ``lost`` event so waiting clients learn it;
+- answers :class:`~hakuriver.messages.RpcRequest` on ``<prefix>.rpc`` (see :mod:`hakuriver.rpc`).
+
+Malformed messages go to the dead-letter queue with a reason; the consumers live on.
+``Host`` runs in-process (tests, embedding); :func:`main` is ``hakuriver.host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import aio_pika
+import click
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+
+from hakuriver import __version__, broker
+from hakuriver.config import Config, ConfigError, load_config
+from hakuriver.ledger import MAX_LIST_LIMIT, MAX_READ_BYTES, Ledger, UnknownTask
+from hakuriver.messages import Heartbeat, OutputChunk, RpcReply, RpcRequest, StateEvent
+from hakuriver.states import TaskState
+from hakuriver.topology import Topology
+
+log = logging.getLogger("hakuriver.host")
+
+BATCH_MAX = 1000          # messages per transaction
+BATCH_WINDOW = 0.02       # seconds a batch may keep collecting
+BATCH_GAP = 0.002         # a batch closes when nothing arrives for this long
+LEDGER_PREFETCH = 1000
+RPC_PREFETCH = 64
+MAX_OUTPUT_WAIT = 300.0   # longest "follow" wait one request may ask for
+INT64 = 1 << 63
+SOURCE = "host"
+
+
+class Malformed(ValueError):
+    """A message the host cannot use; it goes to the dead-letter queue with this reason."""
+
+
+# -- what arrives on the ledger queue ------------------------------------------------
+
+def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes):
+    """Decode one ledger-queue message into a StateEvent, (OutputChunk, bytes) or Heartbeat."""
+    try:
+        if routing_key.startswith("node.") and routing_key.endswith(".heartbeat"):
+            beat = Heartbeat.from_bytes(body)
+            if beat.node != routing_key[len("node."):-len(".heartbeat")]:
+                raise Malformed(f"heartbeat of node {beat.node!r} on routing key {routing_key!r}")
+            return beat
+        parts = routing_key.split(".")
+        if len(parts) != 3 or parts[0] != "task" or not parts[1].isdigit():
+            raise Malformed(f"unknown routing key {routing_key!r}")
+        key_task_id, kind = int(parts[1]), parts[2]
+        if kind == "state":
+            event = StateEvent.from_bytes(body)
+            _check_state_event(event, key_task_id)
+            return event
+        if kind in ("stdout", "stderr"):
+            chunk = OutputChunk.from_headers(headers or {}, body)
+            if chunk.task_id != key_task_id or chunk.stream != kind:
+                raise Malformed(f"output chunk of task {chunk.task_id} {chunk.stream} on routing key {routing_key!r}")
+            if chunk.offset + len(body) >= 1 << 62:
+                raise Malformed(f"output offset {chunk.offset} is out of range")
+            return chunk, body
+        raise Malformed(f"unknown routing key {routing_key!r}")
+    except Malformed:
+        raise
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise Malformed(_one_line(exc)) from None
+
+
+def _check_state_event(event: StateEvent, key_task_id: int) -> None:
+    if event.task_id != key_task_id:
+        raise Malformed(f"state event of task {event.task_id} on the routing key of task {key_task_id}")
+    if event.task is not None and event.task.task_id != event.task_id:
+        raise Malformed(f"state event of task {event.task_id} carries task {event.task.task_id}")
+    # Python ints are unbounded; the database's are 64-bit.
+    numbers = [event.task_id, event.seq, event.exit_code or 0]
+    if event.task is not None:
+        numbers += [event.task.batch_id, event.task.memory or 0, event.task.numa or 0]
+    if any(not -INT64 <= number < INT64 for number in numbers):
+        raise Malformed("a number in the state event is out of the 64-bit range")
+
+
+def _transient(exc: Exception) -> bool:
+    """Would the same write succeed later (database or disk unavailable), as opposed to
+    a message the database will never take?"""
+    if isinstance(exc, (OperationalError, InterfaceError, OSError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        return f"{where}: {error['msg']}"
+    return " ".join(str(exc).split())
+
+
+# -- RPC parameters ------------------------------------------------------------------
+
+TaskId = Annotated[int, Field(ge=0, lt=INT64)]  # ids are 64-bit in the database
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StatusParams(_Params):
+    task_ids: list[TaskId] = Field(max_length=MAX_LIST_LIMIT)
+
+
+class ListTasksParams(_Params):
+    state: TaskState | None = None
+    node: str | None = None
+    batch: TaskId | None = None
+    limit: int = Field(default=50, ge=1, le=MAX_LIST_LIMIT)
+    before: TaskId | None = None
+
+
+class HealthParams(_Params):
+    node: str | None = None
+
+
+class OutputParams(_Params):
+    task_id: TaskId
+    stream: Literal["stdout", "stderr"] = "stdout"
+    offset: int = Field(default=0, ge=0, lt=INT64)
+    length: int = Field(default=MAX_READ_BYTES, ge=0, le=MAX_READ_BYTES)
+    wait: float = Field(default=0.0, ge=0, le=MAX_OUTPUT_WAIT)
+
+
+class Host:
+    """The host service, startable in-process: ``await Host(config).start()`` ... ``await stop()``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.topo = Topology(config.broker.prefix)
+        self.ledger = Ledger(config.database_url, Path(config.paths.state_dir) / "logs")
+        self.events_applied = 0       # state transitions the ledger took
+        self.messages_ingested = 0    # every valid ledger-queue message stored
+        self._changed = asyncio.Condition()  # ingestion → "output" waiters
+        self._generation = 0
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._connection = None
+        self._rpc_channel: AbstractChannel | None = None
+        self._exchanges: broker.Exchanges | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._loops: list[asyncio.Task] = []
+        self._requests: set[asyncio.Task] = set()
+        self._started_at = 0.0
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def start(self, retry: bool = False) -> None:
+        """Open the ledger, connect (with ``retry``, until the broker answers), declare, consume."""
+        await self.ledger.open()
+        self._connection = await self._connect(retry)
+        publish_channel = await self._connection.channel()
+        self._exchanges = await broker.declare_exchanges(publish_channel, self.topo)
+
+        ledger_channel = await self._connection.channel()
+        await ledger_channel.set_qos(prefetch_count=LEDGER_PREFETCH)
+        ledger_queue = await ledger_channel.declare_queue(self.topo.ledger, durable=True,
+                                                          arguments=self.topo.dead_letter_args)
+        for key in ("task.#", "node.#"):
+            await ledger_queue.bind(self.topo.events, key)
+
+        self._rpc_channel = await self._connection.channel()
+        await self._rpc_channel.set_qos(prefetch_count=RPC_PREFETCH)
+        rpc_queue = await self._rpc_channel.declare_queue(self.topo.rpc, durable=True,
+                                                          arguments=self.topo.dead_letter_args)
+
+        self._started_at = time.monotonic()
+        self._loops = [asyncio.create_task(self._ingest_forever(), name="host-ingest"),
+                       asyncio.create_task(self._watch_nodes_forever(), name="host-offline")]
+        self._consumers = [(ledger_queue, await ledger_queue.consume(self._on_ledger_message)),
+                           (rpc_queue, await rpc_queue.consume(self._on_rpc_request))]
+        log.info("host serving %s (ledger %s, database %s)", self.topo.prefix, self.topo.ledger, self.ledger.dialect)
+
+    async def _connect(self, retry: bool):
+        delay = 1.0
+        while True:
+            try:
+                return await broker.connect(self.config.broker.url, "hakuriver-host")
+            except broker.BrokerUnreachable as exc:
+                if not retry:
+                    raise
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def stop(self) -> None:
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception:  # the channel may already be gone; closing below settles it
+                log.debug("cancelling consumer %s", tag, exc_info=True)
+        self._consumers = []
+        for task in [*self._loops, *self._requests]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._requests, return_exceptions=True)
+        self._loops, self._requests = [], set()
+        if self._connection is not None:
+            # Deliveries still unacked (in the inbox) go back to the queue for the next start.
+            await self._connection.close()
+            self._connection = None
+        await self.ledger.close()
+
+    # -- ingestion -------------------------------------------------------------------
+
+    async def _on_ledger_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _ingest_forever(self) -> None:
+        while True:
+            batch = await self._collect_batch()
+            try:
+                await self._ingest(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ingesting a batch of %d messages failed", len(batch))
+
+    async def _collect_batch(self) -> list[AbstractIncomingMessage]:
+        """At least one message; then more until none arrives for BATCH_GAP, or BATCH_MAX,
+        or BATCH_WINDOW. (Deliveries reach the inbox a few dozen per loop turn, so
+        "nothing waiting right now" alone would close batches far too small.)"""
+        batch = [await self._inbox.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BATCH_WINDOW
+        while len(batch) < BATCH_MAX:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._inbox.get_nowait())
+            except asyncio.QueueEmpty:
+                try:
+                    batch.append(await asyncio.wait_for(self._inbox.get(), min(BATCH_GAP, remaining)))
+                except asyncio.TimeoutError:
+                    break
+        return batch
+
+    async def _ingest(self, batch: list[AbstractIncomingMessage]) -> None:
+        parsed: list[tuple[AbstractIncomingMessage, Any]] = []
+        for message in batch:
+            try:
+                parsed.append((message, parse_event(message.routing_key or "", message.headers, message.body)))
+            except Malformed as exc:
+                await self._dead_letter(message, str(exc))
+        if not parsed:
+            return
+        try:
+            await self._store([item for _, item in parsed])
+        except (SQLAlchemyError, OSError) as exc:
+            if _transient(exc):
+                await self._requeue_and_pause(parsed[-1][0], len(parsed), exc)
+            else:
+                await self._store_one_by_one(parsed)
+            return
+        await self._settle(parsed[-1][0])
+
+    async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
+        # The database or disk is unavailable: hand everything back and slow down.
+        log.error("ledger unavailable, requeueing %d messages: %s", count, _one_line(exc))
+        await self._settle(last, requeue=True)
+        await asyncio.sleep(1.0)
+
+    async def _store_one_by_one(self, parsed: list[tuple[AbstractIncomingMessage, Any]]) -> None:
+        # Some message the database refuses: store one at a time, dead-letter the culprit.
+        log.warning("a batch failed; storing its %d messages one by one", len(parsed), exc_info=True)
+        for message, item in parsed:
+            try:
+                await self._store([item])
+            except SQLAlchemyError as exc:
+                await self._dead_letter(message, f"the ledger refused it: {_one_line(exc)}")
+            else:
+                await self._settle(message, multiple=False)
+
+    async def _store(self, items: list[Any]) -> None:
+        events = [item for item in items if isinstance(item, StateEvent)]
+        beats = [item for item in items if isinstance(item, Heartbeat)]
+        chunks = [item for item in items if isinstance(item, tuple)]
+        result = await self.ledger.ingest(events, chunks, beats)
+        self.events_applied += result.states_applied
+        self.messages_ingested += len(items)
+        await self._notify_changed()
+
+    async def _settle(self, message: AbstractIncomingMessage, multiple: bool = True, requeue: bool | None = None) -> None:
+        """Ack (or nack with requeue) ``message`` and, with ``multiple``, every earlier delivery.
+
+        After a reconnect the delivery belongs to a dead channel; the broker redelivers
+        it and the ledger's rules make the second application a no-op.
+        """
+        try:
+            if requeue is None:
+                await message.ack(multiple=multiple)
+            else:
+                await message.nack(multiple=multiple, requeue=requeue)
+        except Exception as exc:
+            log.warning("could not settle deliveries up to %s: %s", message.delivery_tag, exc)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        try:
+            await broker.dead_letter(self._exchanges, message, reason, SOURCE)
+        except Exception:
+            log.exception("could not dead-letter a message (%s)", reason)
+
+    async def _notify_changed(self) -> None:
+        self._generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- offline detection -----------------------------------------------------------
+
+    async def _watch_nodes_forever(self) -> None:
+        timing = self.config.timing
+        while True:
+            await asyncio.sleep(max(timing.heartbeat_interval / 2, 0.05))
+            # After a (re)start, give every runner one full timeout to be heard from:
+            # the last_seen times in the database are from before the host went down.
+            if time.monotonic() - self._started_at < timing.offline_after:
+                continue
+            try:
+                await self.check_offline()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("offline check failed")
+
+    async def check_offline(self) -> list[StateEvent]:
+        """Mark silent nodes offline and their running tasks lost; tell the world."""
+        lost = await self.ledger.mark_offline(self.config.timing.offline_after)
+        for event in lost:
+            log.warning("task %d lost: %s", event.task_id, event.message)
+            await self._exchanges.events.publish(broker.persistent(event.to_bytes()),
+                                                 routing_key=Topology.state_key(event.task_id), mandatory=False)
+        if lost:
+            await self._notify_changed()
+        return lost
+
+    # -- RPC -------------------------------------------------------------------------
+
+    async def _on_rpc_request(self, message: AbstractIncomingMessage) -> None:
+        # Queries are reads: ack at once; a request lost with the host only times out
+        # its caller. Tracked so stop() can end long "output" waits.
+        task = asyncio.current_task()
+        self._requests.add(task)
+        try:
+            await message.ack()
+            await self._answer(message)
+        finally:
+            self._requests.discard(task)
+
+    async def _answer(self, message: AbstractIncomingMessage) -> None:
+        if not message.reply_to:
+            log.warning("RPC request without reply_to dropped")
+            return
+        try:
+            request = RpcRequest.from_bytes(message.body)
+        except ValueError as exc:
+            reply = RpcReply(ok=False, error=f"bad request: {_one_line(exc)}")
+        else:
+            reply = await self.handle(request.method, request.params)
+        try:
+            await self._rpc_channel.default_exchange.publish(
+                aio_pika.Message(reply.to_bytes(), content_type="application/json",
+                                 correlation_id=message.correlation_id),
+                routing_key=message.reply_to, mandatory=False)
+        except Exception:
+            log.exception("could not send the reply to %s", message.reply_to)
+
+    async def handle(self, method: str, params: dict[str, Any]) -> RpcReply:
+        """Answer one query; every failure becomes ``ok=false`` with a message."""
+        handler = getattr(self, f"_rpc_{method}", None)
+        if handler is None:
+            return RpcReply(ok=False, error=f"unknown method {method!r}")
+        try:
+            return RpcReply(ok=True, result=await handler(params))
+        except ValidationError as exc:
+            return RpcReply(ok=False, error=f"bad params for {method}: {_one_line(exc)}")
+        except (UnknownTask, ValueError) as exc:
+            return RpcReply(ok=False, error=str(exc))
+        except Exception as exc:
+            log.exception("RPC %s failed", method)
+            return RpcReply(ok=False, error=f"internal error in {method}: {_one_line(exc)}")
+
+    async def _rpc_status(self, params: dict) -> dict:
+        query = StatusParams.model_validate(params)
+        return {"tasks": await self.ledger.get_tasks(query.task_ids)}
+
+    async def _rpc_list_tasks(self, params: dict) -> dict:
+        query = ListTasksParams.model_validate(params)
+        return {"tasks": await self.ledger.list_tasks(state=query.state, node=query.node, batch=query.batch,
+                                                      limit=query.limit, before=query.before)}
+
+    async def _rpc_list_nodes(self, params: dict) -> dict:
+        _Params.model_validate(params)
+        return {"nodes": await self.ledger.list_nodes()}
+
+    async def _rpc_health(self, params: dict) -> dict:
+        query = HealthParams.model_validate(params)
+        nodes = await self.ledger.list_nodes(query.node)
+        if query.node is not None and not nodes:
+            raise ValueError(f"unknown node {query.node!r}")
+        return {"nodes": nodes,
+                "host": {"version": __version__, "database": self.ledger.dialect,
+                         "events_applied": self.events_applied, "messages_ingested": self.messages_ingested}}
+
+    async def _rpc_output(self, params: dict) -> dict:
+        query = OutputParams.model_validate(params)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + query.wait
+        while True:
+            generation = self._generation
+            piece = await self.ledger.read_output(query.task_id, query.stream, query.offset, query.length)
+            remaining = deadline - loop.time()
+            if piece.data or piece.terminal or remaining <= 0:
+                break
+            async with self._changed:
+                if generation == self._generation:  # nothing arrived since the read
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+        return {"data": base64.b64encode(piece.data).decode("ascii"), "offset": piece.offset, "size": piece.size,
+                "state": piece.state, "terminal": piece.terminal}
+
+
+# -- the service -----------------------------------------------------------------------
+
+async def serve(config: Config) -> None:
+    """Run a host until SIGTERM or SIGINT."""
+    host = Host(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    starting = asyncio.create_task(host.start(retry=True))
+    waiting = asyncio.create_task(stopping.wait())
+    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+    try:
+        await starting  # re-raise a start failure (e.g. an unusable database URL)
+        await waiting
+    except asyncio.CancelledError:
+        pass
+    finally:
+        waiting.cancel()
+        log.info("host stopping")
+        await host.stop()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Config file (default: $HAKURIVER_CONFIG, then ~/.hakuriver/config.toml).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(config_file: str | None, verbose: bool) -> None:
+    """The HakuRiver host: keeps the ledger and answers queries."""
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        click.echo(f"hakuriver.host: {exc}", err=True)
+        sys.exit(2)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except (SQLAlchemyError, OSError) as exc:
+        click.echo(f"hakuriver.host: cannot open the ledger: {_one_line(exc)}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""The host's SQL ledger (SPEC §7): the history of every task, node and output byte.
+
+Why it exists: runners and clients only ever see the present; the ledger keeps what
+happened, so ``--status``, ``--list-tasks`` and ``--stdout`` work after the fact.
+
+Rules it keeps:
+- A state event applies only if its ``seq`` is above the row's and the row is not
+  terminal, so duplicates and out-of-order deliveries change nothing. One exception:
+  a task the *host* marked ``lost`` (its node stopped sending heartbeats) takes the
+  runner's later events, because the runner knows better what it still runs.
+- Output lives in files ``<log_dir>/<task_id>.<stream>``. A chunk is written with
+  ``pwrite`` at its offset, so a chunk delivered twice writes the same bytes in the
+  same place and the file stays byte-identical to what the task wrote.
+- Work arrives in batches (one transaction each): committing per event would cap
+  SQLite at a few hundred events per second.
+
+SQLAlchemy Core (not the ORM) is used on purpose: a batch is one SELECT of the touched
+rows, the rules applied to plain dicts in Python, then one executemany of inserts and
+one of updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
+                        bindparam, event, insert, select, update)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
+from hakuriver.states import TERMINAL, TaskState
+
+log = logging.getLogger(__name__)
+
+MAX_READ_BYTES = 4 * 1024 * 1024
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 10_000
+STREAMS = ("stdout", "stderr")
+_IN_CHUNK = 500          # ids per "IN (...)" clause; SQLite's bound-parameter limit is far above
+_OPEN_FILES = 64         # output files kept open between batches
+
+# On SQLite a plain INTEGER PRIMARY KEY is the rowid itself (64-bit signed): lookups and
+# "ORDER BY task_id DESC" need no separate index. Elsewhere it is a BIGINT.
+_TaskId = BigInteger().with_variant(Integer, "sqlite")
+
+metadata = MetaData()
+
+tasks_table = Table(
+    "tasks", metadata,
+    Column("task_id", _TaskId, primary_key=True, autoincrement=False),
+    Column("batch_id", BigInteger),
+    Column("node", String(255)),
+    Column("numa", Integer),
+    Column("target", String(255)),
+    Column("command", Text),
+    Column("args", JSON),
+    Column("env", JSON),
+    Column("cores", Float),
+    Column("memory", BigInteger),
+    Column("container", String(255)),
+    Column("privileged", Boolean),
+    Column("mounts", JSON),
+    Column("user", String(255)),
+    Column("submit_host", String(255)),
+    Column("state", String(32), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("exit_code", BigInteger),
+    Column("message", Text),
+    Column("submitted_at", Float),
+    Column("queued_at", Float),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("stdout_bytes", BigInteger, nullable=False),
+    Column("stderr_bytes", BigInteger, nullable=False),
+    Column("unenforced", JSON),
+    Column("lost_by_host", Boolean, nullable=False),
+    # Listing is "filter, newest first": (filter, task_id) lets the database walk the
+    # index backwards and stop after `limit` rows instead of sorting every match.
+    Index("ix_tasks_state", "state", "task_id"),
+    Index("ix_tasks_node", "node", "task_id"),
+    Index("ix_tasks_batch", "batch_id", "task_id"),
+)
+
+nodes_table = Table(
+    "nodes", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("online", Boolean, nullable=False),
+    Column("last_seen", Float),
+    Column("heartbeat", JSON),
+)
+
+# Columns a task's submission fixes; filled from ``event.task`` whenever an event has it.
+_SPEC_FIELDS = ("batch_id", "target", "numa", "command", "args", "env", "cores", "memory", "container",
+                "privileged", "mounts", "user", "submit_host", "submitted_at")
+_TASK_COLUMNS = tuple(column.name for column in tasks_table.columns)
+# What the RPC shows of a task (the ledger's bookkeeping columns stay inside).
+TASK_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_code", "command", "args", "env",
+               "cores", "memory", "container", "privileged", "mounts", "user", "submit_host", "submitted_at",
+               "queued_at", "started_at", "finished_at", "message", "stdout_bytes", "stderr_bytes", "unenforced")
+
+
+def _empty_row(task_id: int) -> dict[str, Any]:
+    """A task known only by id (its output or a stale event came before anything that
+    describes it). ``seq`` -1 lets the first real event (seq 0, ``pending``) apply."""
+    row = dict.fromkeys(_TASK_COLUMNS)
+    row.update(task_id=task_id, state=TaskState.PENDING.value, seq=-1, stdout_bytes=0, stderr_bytes=0,
+               lost_by_host=False, message="", unenforced=[])
+    return row
+
+
+def _spec_values(task: Task) -> dict[str, Any]:
+    values = task.model_dump(mode="json", include=set(_SPEC_FIELDS))
+    values["batch_id"] = task.batch_id
+    return values
+
+
+def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
+    """Apply ``ev`` to ``row`` in place by the ledger's rules; True if the state changed."""
+    if ev.task is not None:
+        row.update(_spec_values(ev.task))
+    current = TaskState(row["state"])
+    runner_overrides_host = current is TaskState.LOST and row["lost_by_host"]
+    if ev.seq <= row["seq"] or (current in TERMINAL and not runner_overrides_host):
+        # Not applied, but an out-of-order event still tells when something happened.
+        _fill_missing_time(row, ev)
+        return False
+    row.update(state=ev.state.value, seq=ev.seq, exit_code=ev.exit_code, message=ev.message, lost_by_host=False)
+    if ev.node:
+        row["node"] = ev.node
+    if ev.unenforced:
+        # A terminal event need not repeat what its running event said was unenforced.
+        row["unenforced"] = list(ev.unenforced)
+    if ev.state is TaskState.QUEUED:
+        row["queued_at"] = ev.time
+    elif ev.state is TaskState.RUNNING:
+        row["started_at"] = ev.time
+        row["finished_at"] = None  # back from a host-marked "lost"
+    elif ev.state in TERMINAL:
+        row["finished_at"] = ev.time
+    return True
+
+
+def _fill_missing_time(row: dict[str, Any], ev: StateEvent) -> None:
+    column = {TaskState.QUEUED: "queued_at", TaskState.RUNNING: "started_at"}.get(ev.state)
+    if column and row[column] is None:
+        row[column] = ev.time
+
+
+def task_dict(row: Any) -> dict[str, Any]:
+    """The public form of a task row (the RPC's TaskDict)."""
+    mapping = row if isinstance(row, dict) else row._mapping
+    return {name: mapping[name] for name in TASK_FIELDS}
+
+
+def node_dict(row: Any) -> dict[str, Any]:
+    """The public form of a node row: name, online, last_seen and its last heartbeat's fields."""
+    mapping = row if isinstance(row, dict) else row._mapping
+    beat = dict(mapping["heartbeat"] or {})
+    for internal in ("v", "node", "time", "stopping"):
+        beat.pop(internal, None)
+    return {"name": mapping["name"], "online": bool(mapping["online"]), "last_seen": mapping["last_seen"], **beat}
+
+
+@dataclass
+class BatchResult:
+    """What one ingested batch changed, for the host's bookkeeping and waiters."""
+
+    states_applied: int = 0
+    chunks_written: int = 0
+    heartbeats: int = 0
+    touched_tasks: set[int] = field(default_factory=set)
+
+
+@dataclass
+class OutputSlice:
+    data: bytes
+    offset: int
+    size: int
+    state: str
+    terminal: bool
+
+
+class UnknownTask(LookupError):
+    def __init__(self, task_id: int):
+        super().__init__(f"unknown task {task_id}")
+        self.task_id = task_id
+
+
+class _OutputFiles:
+    """Writes output chunks at their offsets, keeping a few files open between batches
+    (a busy task sends a chunk every 100 ms; reopening each time would dominate)."""
+
+    def __init__(self, log_dir: Path, capacity: int = _OPEN_FILES):
+        self.log_dir = log_dir
+        self.capacity = capacity
+        self._open: OrderedDict[Path, int] = OrderedDict()
+
+    def path(self, task_id: int, stream: str) -> Path:
+        return self.log_dir / f"{task_id}.{stream}"
+
+    def write(self, task_id: int, stream: str, offset: int, data: bytes) -> None:
+        path = self.path(task_id, stream)
+        fd = self._open.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
+        self._open[path] = fd
+        while len(self._open) > self.capacity:
+            os.close(self._open.popitem(last=False)[1])
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset + written)
+
+    def read(self, task_id: int, stream: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self.path(task_id, stream), os.O_RDONLY)
+        except FileNotFoundError:
+            return b""
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
+
+
+class Ledger:
+    """The database plus the output files. Single writer: only the host's ingestion
+    loop calls :meth:`ingest` and :meth:`mark_offline`; queries may run concurrently."""
+
+    def __init__(self, url: str, log_dir: str | Path):
+        self.url = url
+        self.log_dir = Path(log_dir)
+        self.engine: AsyncEngine | None = None
+        self._files = _OutputFiles(self.log_dir)
+        # One writer at a time: on SQLite a read transaction that another writer got
+        # ahead of cannot be upgraded to a write (SQLITE_BUSY_SNAPSHOT).
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def dialect(self) -> str:
+        return make_url(self.url).get_backend_name()
+
+    async def open(self) -> None:
+        url = make_url(self.url)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_async_engine(url)
+        if url.get_backend_name() == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def close(self) -> None:
+        self._files.close()
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+
+    # -- ingestion -------------------------------------------------------------------
+
+    async def ingest(self, events: Iterable[StateEvent] = (), chunks: Iterable[tuple[OutputChunk, bytes]] = (),
+                     heartbeats: Iterable[Heartbeat] = (), now: float | None = None) -> BatchResult:
+        """Apply one batch in one transaction. Output bytes are written to their files
+        first: a crash before the commit leaves bytes the redelivered chunk rewrites."""
+        now = time.time() if now is None else now
+        events, chunks, heartbeats = list(events), list(chunks), list(heartbeats)
+        result = BatchResult()
+        if chunks:
+            await asyncio.to_thread(self._write_chunks, chunks)
+        # Several events of one task in a batch apply in seq order, as if they had arrived so.
+        events.sort(key=lambda ev: (ev.task_id, ev.seq))
+        task_ids = {ev.task_id for ev in events} | {chunk.task_id for chunk, _ in chunks}
+        async with self._write_lock, self.engine.begin() as conn:
+            rows = await self._load_rows(conn, task_ids)
+            new_ids = {task_id for task_id in task_ids if task_id not in rows}
+            for task_id in new_ids:
+                rows[task_id] = _empty_row(task_id)
+            changed = set(new_ids)
+            for ev in events:
+                if ev.task is not None and ev.task.task_id != ev.task_id:
+                    continue  # the host validates this before; never trust a mismatch
+                if apply_state_event(rows[ev.task_id], ev):
+                    result.states_applied += 1
+                changed.add(ev.task_id)
+            for chunk, data in chunks:
+                column = f"{chunk.stream}_bytes"
+                row = rows[chunk.task_id]
+                row[column] = max(row[column], chunk.offset + len(data))
+                changed.add(chunk.task_id)
+            result.chunks_written = len(chunks)
+            await self._write_rows(conn, [rows[i] for i in changed if i in new_ids],
+                                   [rows[i] for i in changed if i not in new_ids])
+            result.heartbeats = await self._apply_heartbeats(conn, heartbeats, now)
+        result.touched_tasks = changed
+        return result
+
+    def _write_chunks(self, chunks: list[tuple[OutputChunk, bytes]]) -> None:
+        for chunk, data in chunks:
+            self._files.write(chunk.task_id, chunk.stream, chunk.offset, data)
+
+    async def _load_rows(self, conn: AsyncConnection, task_ids: set[int]) -> dict[int, dict[str, Any]]:
+        rows: dict[int, dict[str, Any]] = {}
+        ids = sorted(task_ids)
+        for start in range(0, len(ids), _IN_CHUNK):
+            found = await conn.execute(select(tasks_table).where(tasks_table.c.task_id.in_(ids[start:start + _IN_CHUNK])))
+            for row in found:
+                rows[row.task_id] = dict(row._mapping)
+        return rows
+
+    async def _write_rows(self, conn: AsyncConnection, inserts: list[dict], updates: list[dict]) -> None:
+        if inserts:
+            await conn.execute(insert(tasks_table), inserts)
+        if updates:
+            # Core executemany: the SET clause comes from the parameter keys.
+            params = [{**{k: v for k, v in row.items() if k != "task_id"}, "key_task_id": row["task_id"]}
+                      for row in updates]
+            await conn.execute(update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")), params)
+
+    async def _apply_heartbeats(self, conn: AsyncConnection, heartbeats: list[Heartbeat], now: float) -> int:
+        latest: dict[str, Heartbeat] = {}
+        for beat in heartbeats:
+            if beat.node not in latest or beat.time >= latest[beat.node].time:
+                latest[beat.node] = beat
+        if not latest:
+            return 0
+        existing = set((await conn.execute(
+            select(nodes_table.c.name).where(nodes_table.c.name.in_(list(latest))))).scalars())
+        rows = [{"name": name, "online": not beat.stopping, "last_seen": now,
+                 "heartbeat": beat.model_dump(mode="json")} for name, beat in latest.items()]
+        new = [row for row in rows if row["name"] not in existing]
+        old = [{**row, "key_name": row["name"]} for row in rows if row["name"] in existing]
+        if new:
+            await conn.execute(insert(nodes_table), new)
+        if old:
+            await conn.execute(update(nodes_table).where(nodes_table.c.name == bindparam("key_name")), old)
+        # What a live runner says it runs wins over the host's guess that it was lost.
+        still_running = [(name, task_id) for name, beat in latest.items() if not beat.stopping
+                         for task_id in beat.running]
+        for name, task_id in still_running:
+            await conn.execute(
+                update(tasks_table)
+                .where(tasks_table.c.task_id == task_id, tasks_table.c.state == TaskState.LOST.value,
+                       tasks_table.c.lost_by_host.is_(True))
+                .values(state=TaskState.RUNNING.value, lost_by_host=False, finished_at=None, message="",
+                        node=name))
+        return len(heartbeats)
+
+    async def mark_offline(self, offline_after: float, now: float | None = None) -> list[StateEvent]:
+        """Nodes silent for ``offline_after`` seconds go offline; the tasks they were
+        running become ``lost`` (by the host, seq unchanged). Returns the events to publish."""
+        now = time.time() if now is None else now
+        async with self._write_lock, self.engine.begin() as conn:
+            await conn.execute(
+                update(nodes_table)
+                .where(nodes_table.c.online.is_(True), nodes_table.c.last_seen < now - offline_after)
+                .values(online=False))
+            # Silence is what loses tasks, not the offline flag: a runner that stopped
+            # politely (restart, upgrade) gets the same grace to come back and adopt them.
+            offline = list((await conn.execute(
+                select(nodes_table.c.name).where(nodes_table.c.last_seen < now - offline_after))).scalars())
+            if not offline:
+                return []
+            lost = (await conn.execute(
+                select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq)
+                .where(tasks_table.c.state == TaskState.RUNNING.value, tasks_table.c.node.in_(offline)))).all()
+            events = [StateEvent(task_id=row.task_id, node=row.node, state=TaskState.LOST, seq=row.seq, time=now,
+                                 message=f"node {row.node} went offline") for row in lost]
+            if events:
+                await conn.execute(
+                    update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")),
+                    [{"key_task_id": ev.task_id, "state": TaskState.LOST.value, "lost_by_host": True,
+                      "message": ev.message, "finished_at": now} for ev in events])
+        return events
+
+    # -- queries ---------------------------------------------------------------------
+
+    async def get_tasks(self, task_ids: Iterable[int]) -> list[dict[str, Any]]:
+        """Tasks by id, in the order asked; unknown ids are left out."""
+        ids = list(dict.fromkeys(task_ids))
+        async with self.engine.connect() as conn:
+            rows = await self._load_rows(conn, set(ids))
+        return [task_dict(rows[task_id]) for task_id in ids if task_id in rows]
+
+    async def list_tasks(self, state: str | None = None, node: str | None = None, batch: int | None = None,
+                         limit: int = DEFAULT_LIST_LIMIT, before: int | None = None) -> list[dict[str, Any]]:
+        """Newest first. ``before`` is the smallest task id of the previous page."""
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}")
+        query = select(tasks_table).order_by(tasks_table.c.task_id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(tasks_table.c.state == TaskState(state).value)
+        if node is not None:
+            query = query.where(tasks_table.c.node == node)
+        if batch is not None:
+            query = query.where(tasks_table.c.batch_id == batch)
+        if before is not None:
+            query = query.where(tasks_table.c.task_id < before)
+        async with self.engine.connect() as conn:
+            return [task_dict(row) for row in await conn.execute(query)]
+
+    async def list_nodes(self, name: str | None = None) -> list[dict[str, Any]]:
+        query = select(nodes_table).order_by(nodes_table.c.name)
+        if name is not None:
+            query = query.where(nodes_table.c.name == name)
+        async with self.engine.connect() as conn:
+            return [node_dict(row) for row in await conn.execute(query)]
+
+    async def read_output(self, task_id: int, stream: str, offset: int = 0,
+                          length: int = MAX_READ_BYTES) -> OutputSlice:
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
+        if offset < 0 or not 0 <= length <= MAX_READ_BYTES:
+            raise ValueError(f"offset must be >= 0 and length between 0 and {MAX_READ_BYTES}")
+        column = tasks_table.c[f"{stream}_bytes"]
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(column, tasks_table.c.state).where(tasks_table.c.task_id == task_id))).first()
+        if row is None:
+            raise UnknownTask(task_id)
+        size, state = row[0], row[1]
+        wanted = max(0, min(length, size - offset))
+        data = await asyncio.to_thread(self._files.read, task_id, stream, offset, wanted) if wanted else b""
+        return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=TaskState(state) in TERMINAL)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets RPC readers run while ingestion writes. NORMAL skips the fsync per commit:
+    # a power cut may lose the last few commits (never corrupt the file); a process
+    # crash loses nothing. That is the usual trade for a WAL database of history.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()

@@ -1,0 +1,198 @@
+"""The message contract (SPEC §4): every message that crosses the broker.
+
+Every process imports these models and nothing else defines a wire format.
+Each message is JSON with ``"v": 1``; a message of another version, with unknown
+fields, or over the size bounds fails validation and goes to the dead-letter queue.
+Binary output travels as the raw message body; its metadata rides in headers
+(see :class:`OutputChunk`), so a 64 KiB chunk is not inflated by base64.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from hakuriver.states import TaskState
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20        # any JSON message
+MAX_CHUNK_BYTES = 64 * 1024        # one output chunk
+MAX_ARG_BYTES = 128 * 1024         # command + args together
+MAX_ENV_BYTES = 128 * 1024         # user environment together
+
+NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")]
+EnvKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, body: bytes):
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} byte bound")
+        return cls.model_validate_json(body)
+
+
+class Mount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host_path: str
+    container_path: str
+    read_only: bool = False
+
+    @field_validator("host_path", "container_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"mount path {value!r} must be absolute")
+        return value
+
+    @classmethod
+    def parse(cls, text: str) -> "Mount":
+        """``HOST:CONTAINER[:ro]`` as the client takes it."""
+        parts = text.split(":")
+        read_only = False
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            read_only = parts.pop() == "ro"
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise ValueError(f"invalid mount {text!r} (use HOST:CONTAINER[:ro])")
+        return cls(host_path=parts[0], container_path=parts[1], read_only=read_only)
+
+    def __str__(self) -> str:
+        return f"{self.host_path}:{self.container_path}" + (":ro" if self.read_only else "")
+
+
+class Task(Message):
+    """What to run, where, and with which limits."""
+
+    task_id: int
+    batch_id: int
+    command: str = Field(min_length=1)
+    args: list[str] = []
+    env: dict[EnvKey, str] = {}
+    cores: float = Field(default=0, ge=0)           # 0 = no CPU limit
+    memory: int | None = Field(default=None, gt=0)  # bytes
+    target: str                                     # node name, or "any" for the pool
+    numa: int | None = Field(default=None, ge=0)
+    container: str | None = None                    # None = host execution
+    privileged: bool = False
+    mounts: list[Mount] = []
+    retries: int = Field(default=0, ge=0, le=100)
+    user: str = ""
+    submit_host: str = ""
+    submitted_at: float = Field(default_factory=time.time)
+
+    @field_validator("args")
+    @classmethod
+    def _bounded_args(cls, value: list[str]) -> list[str]:
+        if sum(len(arg) for arg in value) > MAX_ARG_BYTES:
+            raise ValueError(f"arguments are over {MAX_ARG_BYTES} bytes")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _bounded_env(cls, value: dict[str, str]) -> dict[str, str]:
+        if sum(len(k) + len(v) for k, v in value.items()) > MAX_ENV_BYTES:
+            raise ValueError(f"environment is over {MAX_ENV_BYTES} bytes")
+        return value
+
+    @property
+    def routing_key(self) -> str:
+        return self.target if self.numa is None else f"{self.target}:{self.numa}"
+
+
+class StateEvent(Message):
+    """A task changed state. ``seq`` grows by one per change of one task, so the
+    ledger can drop a duplicate or out-of-order event. ``pending`` and ``queued``
+    events carry the task itself, so the ledger learns every field from them."""
+
+    task_id: int
+    node: str | None = None
+    state: TaskState
+    seq: int = Field(ge=0)
+    time: float = Field(default_factory=time.time)
+    exit_code: int | None = None
+    message: str = ""
+    task: Task | None = None
+    unenforced: list[str] = []   # limits the executor could not enforce (e.g. ["memory"])
+
+
+class OutputChunk(BaseModel):
+    """Metadata of one chunk of a task's output; the bytes are the message body.
+
+    Travels as AMQP headers ``task_id``, ``stream``, ``offset``, ``v``. A chunk
+    delivered twice writes the same bytes at the same offset, so the stored log
+    stays byte-identical to what the task wrote.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = VERSION
+    task_id: int
+    stream: Literal["stdout", "stderr"]
+    offset: int = Field(ge=0)
+
+    def headers(self) -> dict[str, Any]:
+        return {"v": self.v, "task_id": str(self.task_id), "stream": self.stream, "offset": self.offset}
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, Any], body: bytes) -> "OutputChunk":
+        if len(body) > MAX_CHUNK_BYTES:
+            raise ValueError(f"output chunk of {len(body)} bytes is over the {MAX_CHUNK_BYTES} byte bound")
+        return cls.model_validate({k: headers.get(k) for k in ("v", "task_id", "stream", "offset")})
+
+
+class Kill(Message):
+    task_id: int
+    user: str = ""
+
+
+class NumaNode(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpus: list[int]
+    memory: int  # bytes
+
+
+class Heartbeat(Message):
+    node: str
+    time: float = Field(default_factory=time.time)
+    cores_total: float
+    cores_free: float
+    memory_total: int
+    memory_free: int
+    numa: dict[int, NumaNode] = {}
+    numa_cores_free: dict[int, float] = {}
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    running: list[int] = []
+    queued: list[int] = []
+    version: str = ""
+    executors: list[str] = []
+    unenforced: list[str] = []   # limits this node cannot enforce for host tasks
+    stopping: bool = False       # sent once when a runner shuts down politely
+
+
+class NodeInfo(Message):
+    """A runner's retained self-description (SPEC §3 pre-checks): the client reads it
+    from the node's info queue to refuse unknown nodes and NUMA ids before publishing."""
+
+    node: str
+    numa: list[int] = []
+    cores: float = 0
+    memory: int = 0
+
+
+class RpcRequest(Message):
+    method: Literal["status", "list_tasks", "list_nodes", "output", "health"]
+    params: dict[str, Any] = {}
+
+
+class RpcReply(Message):
+    ok: bool
+    result: Any = None
+    error: str = ""

@@ -1,0 +1,25 @@
+"""The states a task goes through (SPEC §5) and which of them are final."""
+
+from enum import StrEnum
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"        # published, not yet taken by a runner
+    QUEUED = "queued"          # a runner accepted it; waiting for cores/memory
+    RUNNING = "running"
+    COMPLETED = "completed"    # exit 0
+    FAILED = "failed"          # exit != 0, or could not start
+    KILLED = "killed"          # by request
+    KILLED_OOM = "killed_oom"  # memory limit hit
+    LOST = "lost"              # its runner went away while it ran
+    REJECTED = "rejected"      # the runner can never run it
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({
+    TaskState.COMPLETED, TaskState.FAILED, TaskState.KILLED,
+    TaskState.KILLED_OOM, TaskState.LOST, TaskState.REJECTED,
+})

@@ -1,0 +1,79 @@
+"""Broker names and declarations (SPEC §3), in one place, under a configurable prefix.
+
+Exchanges:
+  <p>.tasks    direct  task messages; a runner's queue <p>.node.<node> binds <node> and
+                       <node>:<numa>; the pool queue <p>.pool binds "any"
+  <p>.control  direct  kills; <p>.control.<node> binds <node> and "all" (kills whose node
+                       is not known yet reach every runner)
+  <p>.events   topic   task.<id>.state|stdout|stderr, node.<node>.heartbeat; the host's
+                       <p>.ledger binds task.# and node.#
+  <p>.dead     fanout  dead letters, kept in the queue <p>.dead
+Queues:
+  <p>.rpc             the host's RPC requests
+  <p>.nodeinfo.<node> holds a runner's latest NodeInfo (max one message), read by clients
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POOL_KEY = "any"
+ALL_NODES_KEY = "all"
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str = "hakuriver"
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}.control"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def pool(self) -> str:
+        return f"{self.prefix}.pool"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.prefix}.ledger"
+
+    @property
+    def rpc(self) -> str:
+        return f"{self.prefix}.rpc"
+
+    def node_queue(self, node: str) -> str:
+        return f"{self.prefix}.node.{node}"
+
+    def control_queue(self, node: str) -> str:
+        return f"{self.prefix}.control.{node}"
+
+    def nodeinfo_queue(self, node: str) -> str:
+        return f"{self.prefix}.nodeinfo.{node}"
+
+    @staticmethod
+    def state_key(task_id: int) -> str:
+        return f"task.{task_id}.state"
+
+    @staticmethod
+    def output_key(task_id: int, stream: str) -> str:
+        return f"task.{task_id}.{stream}"
+
+    @staticmethod
+    def heartbeat_key(node: str) -> str:
+        return f"node.{node}.heartbeat"
+
+    @property
+    def dead_letter_args(self) -> dict:
+        return {"x-dead-letter-exchange": self.dead}

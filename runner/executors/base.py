@@ -1,0 +1,109 @@
+"""The executor interface, modelled on Nomad's task drivers.
+
+An executor starts a task with its output going to two files the runner gives it,
+waits for it, stops it (SIGTERM, then SIGKILL after a grace period, to everything
+the task started), destroys what is left (cgroup, container), inspects it, and
+recovers a task it started before the runner restarted. A :class:`Handle` is plain
+JSON-able data, stored by the runner, so :meth:`Executor.recover` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hakuriver.messages import Task
+
+
+@dataclass
+class RunSpec:
+    """Everything an executor needs beyond the task message itself."""
+
+    env: dict[str, str]                 # full environment for the task (HAKURIVER_* + user's)
+    stdout_path: Path
+    stderr_path: Path
+    cpus: list[int] | None = None       # CPUs of the NUMA node for node:N targets, else None
+    mems: list[int] | None = None       # NUMA memory nodes for node:N targets, else None
+    shared_dir: str = ""
+    local_temp_dir: str = ""
+    cwd: str | None = None
+
+
+@dataclass
+class Handle:
+    """A started task, as JSON-able data the runner stores for :meth:`Executor.recover`."""
+
+    task_id: int
+    executor: str
+    data: dict[str, Any] = field(default_factory=dict)
+    unenforced: list[str] = field(default_factory=list)  # limits that could not be applied
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "executor": self.executor, "data": self.data,
+                "unenforced": self.unenforced}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Handle":
+        return cls(task_id=data["task_id"], executor=data["executor"], data=data.get("data", {}),
+                   unenforced=data.get("unenforced", []))
+
+
+@dataclass
+class Outcome:
+    """How a task ended. ``oom`` is true only when the executor saw the memory limit hit."""
+
+    exit_code: int | None
+    oom: bool = False
+    message: str = ""
+
+
+class TaskRejected(Exception):
+    """The task can never run here (unknown environment, refused by policy); the message says why."""
+
+
+class StartFailed(Exception):
+    """The task could not be started (command not found, bad image); it ends ``failed``."""
+
+
+class Executor(abc.ABC):
+    name: str = ""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this executor can run tasks on this machine."""
+        return True
+
+    def unenforceable(self) -> list[str]:
+        """Limits this executor cannot enforce on this machine (for the heartbeat)."""
+        return []
+
+    @abc.abstractmethod
+    async def start(self, task: Task, spec: RunSpec) -> Handle:
+        """Start the task; raise :class:`StartFailed` or :class:`TaskRejected`."""
+
+    @abc.abstractmethod
+    async def wait(self, handle: Handle) -> Outcome:
+        """Wait until the task ends and say how."""
+
+    @abc.abstractmethod
+    async def stop(self, handle: Handle, grace: float) -> None:
+        """SIGTERM everything the task started; SIGKILL what is left after ``grace`` seconds."""
+
+    @abc.abstractmethod
+    async def destroy(self, handle: Handle) -> None:
+        """Remove whatever the task left behind (cgroup, container). Idempotent."""
+
+    async def inspect(self, handle: Handle) -> dict[str, Any]:
+        """What the executor knows about the task now (for debugging and health)."""
+        return dict(handle.data)
+
+    async def recover(self, handle: Handle, spec: RunSpec) -> Handle | None:
+        """Re-attach to a task started before the runner restarted.
+
+        Returns the live handle, or None if the task cannot be followed any more
+        (the runner then reports it ``lost``), unless :meth:`wait` can still report
+        how it ended.
+        """
+        return None

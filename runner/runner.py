@@ -1,0 +1,447 @@
+"""The runner: one per machine, the whole task life cycle on that machine.
+
+    node queue ──► accept (store + ``queued`` event confirmed, then ack)
+    pool queue ──► accept only while there is room
+                       │
+                 waiting list ──► admission ──► executor.start ──► ``running``
+                                                     │
+                              output files ──► chunks (bounded, by offset)
+                                                     │
+                                             executor.wait ──► flush output ──► final event
+    control queue ──► kill (running: stop the process tree; waiting: never start it)
+    every heartbeat_interval ──► heartbeat (resources, NUMA, running ids)
+
+Every event leaves through the store's outbox, so none is lost while the broker
+is away. The runner only talks to executors through their interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import psutil
+from aio_pika.abc import AbstractIncomingMessage
+
+import hakuriver
+from hakuriver import broker
+from hakuriver.config import Config
+from hakuriver.messages import Heartbeat, Kill, NodeInfo, Task
+from hakuriver.states import TaskState
+from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
+from runner.admission import Admission, Capacity
+from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFailed, TaskRejected
+from runner.executors.select import available_executors, executor_for
+from runner.numa import detect_topology
+from runner.output import OutputStream
+from runner.store import RunnerStore, StoredTask
+
+log = logging.getLogger(__name__)
+
+OUTPUT_POLL_S = 0.05
+FINISHED_KEEP_S = 7 * 24 * 3600
+
+
+@dataclass
+class Running:
+    task: Task
+    executor: Executor
+    output: OutputStream
+    handle: Handle | None = None
+    kill_requested: bool = False
+
+
+class Runner:
+    def __init__(self, config: Config, executors: dict[str, Executor] | None = None):
+        self.config = config
+        self.node = config.node.node_name
+        self.topo = Topology(config.broker.prefix)
+        self.state_dir = Path(config.paths.state_dir) / f"runner-{self.node}"
+        self.output_dir = self.state_dir / "output"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.store = RunnerStore(self.state_dir / "store.db", self.topo, self.node)
+        self.numa = detect_topology()
+        cores = config.node.cores or os.cpu_count() or 1
+        memory = config.node.memory_bytes or psutil.virtual_memory().total
+        self.admission = Admission(Capacity(cores, memory, self.numa))
+        self.executors = executors if executors is not None else available_executors(config)
+        self.waiting: list[Task] = []
+        self.running: dict[int, Running] = {}
+        self._background: set[asyncio.Task] = set()
+        self._schedule_wakeup = asyncio.Event()
+        self._pool_queue = None
+        self._pool_tag: str | None = None
+        self._pool_paused_until = 0.0
+        self._connection = None
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._connection = await broker.connect(self.config.broker.url, f"hakuriver.runner {self.node}")
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self.exchanges = await broker.declare_exchanges(self._publish_channel, self.topo)
+        await broker.declare_ledger_queue(self._publish_channel, self.topo, self.exchanges)
+        self._by_name = {ex.name: ex for ex in (self.exchanges.tasks, self.exchanges.control,
+                                                 self.exchanges.events, self.exchanges.dead)}
+        await self._publish_node_info()
+        await self._recover()
+        self._spawn(self.store.outbox.drain_forever(self._publish_raw))
+        self._spawn(self._schedule_loop())
+        self._spawn(self._output_loop())
+        self._spawn(self._heartbeat_loop())
+        await self._start_consumers()
+        log.info("runner %s: %g cores, %s bytes, NUMA %s, executors %s", self.node,
+                 self.admission.capacity.cores, self.admission.capacity.memory, sorted(self.numa),
+                 sorted(self.executors))
+
+    async def stop(self) -> None:
+        """Stop taking work and close. Running tasks are left as they are (a restart recovers them)."""
+        try:
+            if self._connection is not None and not self._connection.is_closed:
+                await self._publish_heartbeat(stopping=True)
+        except Exception:  # the broker may be gone; the host's timeout covers it
+            pass
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()
+        self.store.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_crash)
+        return task
+
+    async def _start_consumers(self) -> None:
+        channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=64)
+        exchanges = await broker.declare_exchanges(channel, self.topo)
+        self._consume_exchanges = exchanges
+        queue = await channel.declare_queue(self.topo.node_queue(self.node), durable=True,
+                                            arguments=self.topo.dead_letter_args)
+        await queue.bind(exchanges.tasks, self.node)
+        for numa in self.numa:
+            await queue.bind(exchanges.tasks, f"{self.node}:{numa}")
+        control = await channel.declare_queue(self.topo.control_queue(self.node), durable=True,
+                                              arguments=self.topo.dead_letter_args)
+        await control.bind(exchanges.control, self.node)
+        await control.bind(exchanges.control, ALL_NODES_KEY)
+        await queue.consume(self._on_task_message)
+        await control.consume(self._on_control_message)
+
+        pool_channel = await self._connection.channel(publisher_confirms=True)
+        await pool_channel.set_qos(prefetch_count=1)
+        self._pool_queue = await broker.declare_pool_queue(pool_channel, self.topo, exchanges)
+        await self._update_pool_consumer()
+
+    async def _publish_node_info(self) -> None:
+        queue_name = self.topo.nodeinfo_queue(self.node)
+        await self._publish_channel.declare_queue(
+            queue_name, durable=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"})
+        info = NodeInfo(node=self.node, numa=sorted(self.numa), cores=self.admission.capacity.cores,
+                        memory=self.admission.capacity.memory)
+        await self._publish_channel.default_exchange.publish(
+            broker.persistent(info.to_bytes()), routing_key=queue_name, mandatory=False)
+
+    async def _publish_raw(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
+        await self._by_name[exchange].publish(broker.persistent(body, headers), routing_key=key, mandatory=False)
+
+    # ---- taking tasks -----------------------------------------------------------------
+
+    async def _on_task_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            task = Task.from_bytes(message.body)
+        except ValueError as exc:
+            await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
+            return
+        await self._accept(task, message)
+
+    async def _accept(self, task: Task, message: AbstractIncomingMessage) -> None:
+        if self.store.has(task.task_id):  # redelivered: already ours
+            await message.ack()
+            return
+        if self.store.take_tombstone(task.task_id):
+            row = self.store.accept(task, TaskState.KILLED, message="killed before it started")
+        elif (reason := self._rejection(task)) is not None:
+            row = self.store.accept(task, TaskState.REJECTED, message=reason)
+        else:
+            row = self.store.accept(task)
+            self.waiting.append(task)
+            self._schedule_wakeup.set()
+        await self.store.outbox.wait_confirmed(row)
+        await message.ack()
+
+    def _rejection(self, task: Task) -> str | None:
+        reason = self.admission.never_fits(task)
+        if reason is not None:
+            return reason
+        try:
+            executor_for(task, self.executors)
+        except (KeyError, TaskRejected) as exc:
+            return str(exc.args[0] if exc.args else exc)
+        return None
+
+    async def _on_pool_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            task = Task.from_bytes(message.body)
+        except ValueError as exc:
+            await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
+            return
+        if not self.store.has(task.task_id) and (self.admission.never_fits(task) or not self.admission.fits(task)
+                                                 or self.waiting):
+            # not room for it here now: leave it for another node, look again when a task ends
+            await message.nack(requeue=True)
+            self._pool_paused_until = time.monotonic() + 1.0
+            await self._update_pool_consumer()
+            return
+        await self._accept(task, message)
+        await self._update_pool_consumer()
+
+    async def _update_pool_consumer(self) -> None:
+        if self._pool_queue is None:
+            return
+        want = (self.admission.has_room_for_more() and not self.waiting
+                and time.monotonic() >= self._pool_paused_until)
+        if want and self._pool_tag is None:
+            self._pool_tag = await self._pool_queue.consume(self._on_pool_message)
+        elif not want and self._pool_tag is not None:
+            tag, self._pool_tag = self._pool_tag, None
+            await self._pool_queue.cancel(tag)
+
+    # ---- kills ------------------------------------------------------------------------
+
+    async def _on_control_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            kill = Kill.from_bytes(message.body)
+        except ValueError as exc:
+            await broker.dead_letter(self._consume_exchanges, message, f"invalid control message: {exc}",
+                                     f"runner {self.node}")
+            return
+        await self._kill(kill.task_id, for_this_node=message.routing_key == self.node)
+        await message.ack()
+
+    async def _kill(self, task_id: int, for_this_node: bool) -> None:
+        running = self.running.get(task_id)
+        if running is not None:
+            running.kill_requested = True
+            self.store.request_kill(task_id)
+            if running.handle is not None:
+                self._spawn(running.executor.stop(running.handle, self.config.timing.kill_grace))
+            return
+        waiting = next((t for t in self.waiting if t.task_id == task_id), None)
+        if waiting is not None:
+            self.waiting.remove(waiting)
+            self.admission.forget(task_id)
+            self.store.transition(task_id, TaskState.KILLED, message="killed before it started")
+            return
+        if not self.store.has(task_id):
+            # not here (yet): if it arrives later it must never run
+            self.store.add_tombstone(task_id)
+
+    # ---- running ----------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            try:  # also wake now and then: a paused pool consumer resumes on its own
+                await asyncio.wait_for(self._schedule_wakeup.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._schedule_wakeup.clear()
+            for task in self.admission.choose(self.waiting):
+                self.waiting.remove(task)
+                self._spawn(self._run(task))
+            await self._update_pool_consumer()
+
+    def _spec(self, task: Task) -> RunSpec:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
+        env.update({
+            "HAKURIVER_TASK_ID": str(task.task_id),
+            "HAKURIVER_NODE": self.node,
+            "HAKURIVER_SHARED_DIR": self.config.paths.shared_dir,
+            "HAKURIVER_LOCAL_TEMP_DIR": self.config.paths.local_temp_dir,
+            "HAKURIVER_CORES": f"{task.cores:g}",
+        })
+        cpus = mems = None
+        if task.numa is not None:
+            env["HAKURIVER_NUMA_NODE"] = str(task.numa)
+            cpus, mems = self.numa[task.numa].cpus, [task.numa]
+        env.update(task.env)
+        return RunSpec(env=env, stdout_path=self.output_dir / f"{task.task_id}.stdout",
+                       stderr_path=self.output_dir / f"{task.task_id}.stderr", cpus=cpus, mems=mems,
+                       shared_dir=self.config.paths.shared_dir, local_temp_dir=self.config.paths.local_temp_dir)
+
+    def _output_stream(self, task_id: int, spec: RunSpec, sent: dict[str, int] | None = None) -> OutputStream:
+        return OutputStream(task_id, {"stdout": spec.stdout_path, "stderr": spec.stderr_path},
+                            sent or {"stdout": 0, "stderr": 0})
+
+    async def _run(self, task: Task) -> None:
+        spec = self._spec(task)
+        executor = executor_for(task, self.executors)
+        running = Running(task, executor, self._output_stream(task.task_id, spec))
+        self.running[task.task_id] = running
+        try:
+            try:
+                handle = await executor.start(task, spec)
+            except TaskRejected as exc:
+                await self._finish(running, TaskState.REJECTED, None, str(exc))
+                return
+            except StartFailed as exc:
+                await self._finish(running, TaskState.FAILED, None, str(exc))
+                return
+            running.handle = handle
+            self.store.set_handle(task.task_id, handle.to_dict())
+            message = f"limits not enforced: {', '.join(handle.unenforced)}" if handle.unenforced else ""
+            self.store.transition(task.task_id, TaskState.RUNNING, message=message, unenforced=handle.unenforced)
+            if running.kill_requested:  # a kill came while it was starting
+                self._spawn(executor.stop(handle, self.config.timing.kill_grace))
+            await self._watch(running)
+        except Exception as exc:  # never leave a task without an end
+            log.exception("task %s: runner error", task.task_id)
+            if task.task_id in self.running:
+                await self._finish(running, TaskState.FAILED, None, f"runner error: {exc}")
+
+    async def _watch(self, running: Running) -> None:
+        outcome = await running.executor.wait(running.handle)
+        await self._finish(running, *self._judge(running, outcome))
+
+    @staticmethod
+    def _judge(running: Running, outcome: Outcome) -> tuple[TaskState, int | None, str]:
+        if running.kill_requested:
+            return TaskState.KILLED, outcome.exit_code, "killed by request"
+        if outcome.oom:
+            return TaskState.KILLED_OOM, outcome.exit_code, outcome.message or "memory limit hit"
+        if outcome.exit_code == 0:
+            return TaskState.COMPLETED, 0, outcome.message
+        return TaskState.FAILED, outcome.exit_code, outcome.message
+
+    async def _finish(self, running: Running, state: TaskState, exit_code: int | None, message: str) -> None:
+        """Record the outcome, send all output, then the final event; free the resources."""
+        task_id = running.task.task_id
+        self.store.set_outcome(task_id, {"state": state, "exit_code": exit_code, "message": message})
+        if running.handle is not None:
+            try:
+                await running.executor.destroy(running.handle)
+            except Exception:
+                log.exception("task %s: cleanup failed", task_id)
+        await self._flush_until_sent(running.output)
+        self.store.transition(task_id, state, exit_code=exit_code, message=message)
+        running.output.remove_files()
+        self.running.pop(task_id, None)
+        self.admission.release(running.task)
+        self._schedule_wakeup.set()
+
+    async def _flush_until_sent(self, output: OutputStream) -> None:
+        while True:
+            try:
+                await output.flush(self._publish_chunk, self._recorder(output.task_id))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("task %s: output not sent yet (%s); retrying", output.task_id, exc)
+                await asyncio.sleep(0.5)
+
+    def _recorder(self, task_id: int):
+        return lambda stream, offset: self.store.set_sent(task_id, stream, offset)
+
+    async def _publish_chunk(self, key: str, body: bytes, headers: dict) -> None:
+        await self.exchanges.events.publish(broker.persistent(body, headers), routing_key=key, mandatory=False)
+
+    async def _output_loop(self) -> None:
+        while True:
+            await asyncio.sleep(OUTPUT_POLL_S)
+            for running in list(self.running.values()):
+                if running.output.has_news():
+                    try:
+                        await running.output.flush(self._publish_chunk, self._recorder(running.task.task_id))
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # broker away: the offsets say where to go on
+                        log.debug("output flush failed: %s", exc)
+
+    # ---- restart ----------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Pick up what the store holds: waiting tasks wait again, running ones are
+        adopted where the executor can follow them, or end ``lost``."""
+        for stored in self.store.unfinished():
+            task = stored.task
+            if stored.state == TaskState.QUEUED:
+                if stored.kill_requested:
+                    self.store.transition(task.task_id, TaskState.KILLED, message="killed before it started")
+                else:
+                    self.waiting.append(task)
+                continue
+            spec = self._spec(task)
+            output = self._output_stream(task.task_id, spec, {"stdout": stored.stdout_sent,
+                                                              "stderr": stored.stderr_sent})
+            executor = self.executors.get(stored.handle["executor"]) if stored.handle else None
+            running = Running(task, executor or next(iter(self.executors.values())), output,
+                              kill_requested=stored.kill_requested)
+            self.running[task.task_id] = running
+            self.admission.take(task)
+            if stored.outcome is not None:
+                outcome = stored.outcome
+                self._spawn(self._finish(running, TaskState(outcome["state"]), outcome["exit_code"],
+                                         outcome["message"]))
+                continue
+            handle = None
+            if executor is not None:
+                try:
+                    handle = await executor.recover(Handle.from_dict(stored.handle), spec)
+                except Exception:
+                    log.exception("task %s: recover failed", task.task_id)
+            if handle is None:
+                self._spawn(self._finish(running, TaskState.LOST, None,
+                                         "the runner restarted and could not follow the task"))
+                continue
+            running.handle = handle
+            log.info("task %s: adopted after restart", task.task_id)
+            self._spawn(self._watch(running))
+        self._schedule_wakeup.set()
+        self.store.prune(FINISHED_KEEP_S)
+
+    # ---- heartbeats -------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        psutil.cpu_percent(None)
+        while True:
+            try:
+                await self._publish_heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(self.config.timing.heartbeat_interval)
+
+    def heartbeat(self, stopping: bool = False) -> Heartbeat:
+        memory = psutil.virtual_memory()
+        unenforced = sorted({limit for ex in self.executors.values() for limit in ex.unenforceable()})
+        return Heartbeat(
+            node=self.node, cores_total=self.admission.capacity.cores, cores_free=self.admission.cores_free,
+            memory_total=self.admission.capacity.memory, memory_free=self.admission.memory_free,
+            numa=self.numa, numa_cores_free=self.admission.numa_cores_free(),
+            cpu_percent=psutil.cpu_percent(None), memory_percent=memory.percent,
+            running=sorted(self.running), queued=[t.task_id for t in self.waiting],
+            version=hakuriver.__version__, executors=sorted(self.executors), unenforced=unenforced,
+            stopping=stopping)
+
+    async def _publish_heartbeat(self, stopping: bool = False) -> None:
+        expiration = max(1.0, self.config.timing.offline_after)
+        message = aio_pika.Message(self.heartbeat(stopping).to_bytes(), content_type="application/json",
+                                   expiration=expiration)
+        await self.exchanges.events.publish(message, routing_key=self.topo.heartbeat_key(self.node),
+                                            mandatory=False)
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("runner background task failed", exc_info=task.exception())

@@ -1,0 +1,183 @@
+"""Task cgroups on this machine's real hierarchy (as root), and the parts that need no kernel."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from runner.cgroups import (CONTROLLERS, V1Cgroups, V1TaskCgroup, V2Cgroups, V2TaskCgroup, attach,
+                            open_cgroups)
+from runner.executors.process import JOIN_SCRIPT, SHELL
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cgroups():
+    hierarchy = open_cgroups(parent=f"hk-test-{uuid.uuid4().hex[:8]}")
+    yield hierarchy
+    hierarchy.remove_parent()
+    assert not any(path.exists() for path in hierarchy.parent_dirs()), "test left a cgroup behind"
+
+
+def _need(hierarchy, *controllers):
+    missing = [name for name in controllers if name not in hierarchy.probe()]
+    if missing:
+        pytest.skip(f"cgroup controllers {missing} are not writable here")
+
+
+def _join_and_run(group, *argv):
+    """A child that joins ``group`` before exec'ing ``argv``, as the process executor starts tasks."""
+    procs = [str(path) for path in group.procs_files()]
+    return subprocess.Popen([SHELL, "-c", JOIN_SCRIPT, "hakuriver-join", str(len(procs)), *procs, *argv],
+                            start_new_session=True)
+
+
+async def _until(predicate, timeout=10.0):
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def test_root_can_write_the_controllers_here(cgroups):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    assert set(cgroups.probe()) <= set(CONTROLLERS)
+    assert cgroups.probe(), "as root on this machine at least one controller must be writable"
+    assert cgroups.unenforceable() == [name for name in CONTROLLERS if name not in cgroups.probe()]
+
+
+async def test_limits_are_written_to_the_kernel_files(cgroups):
+    _need(cgroups, "memory", "cpu", "cpuset")
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    group, unenforced = cgroups.create("limits", memory=64 * MiB, cores=0.5, cpus=[cpu], mems=[0])
+    try:
+        assert unenforced == []
+        if isinstance(group, V1TaskCgroup):
+            assert (group.paths["memory"] / "memory.limit_in_bytes").read_text().strip() == str(64 * MiB)
+            assert (group.paths["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+            assert (group.paths["cpu"] / "cpu.cfs_period_us").read_text().strip() == "100000"
+            assert (group.paths["cpuset"] / "cpuset.cpus").read_text().strip() == str(cpu)
+        else:
+            assert (group.path / "memory.max").read_text().strip() == str(64 * MiB)
+            assert (group.path / "cpu.max").read_text().split() == ["50000", "100000"]
+            assert (group.path / "cpuset.cpus").read_text().strip() == str(cpu)
+    finally:
+        assert await group.remove()
+    assert not group.exists()
+
+
+async def test_join_list_kill_and_remove(cgroups):
+    group, _ = cgroups.create("members", memory=None, cores=0, cpus=None, mems=None)
+    if group is None:
+        pytest.skip("no cgroup hierarchy is writable here")
+    marker = f"300.{uuid.uuid4().int % 10**6}"
+    child = _join_and_run(group, "/bin/sh", "-c", f"sleep {marker} & sleep {marker}; wait")
+    try:
+        await _until(lambda: len(group.pids()) == 3)  # the shell and its two sleeps
+        assert child.pid in group.pids()
+        assert attach(group.to_data()).pids() == group.pids()
+        group.kill()
+        await _until(lambda: not group.pids())
+        assert await group.remove()
+        assert not group.exists()
+    finally:
+        child.kill()
+        child.wait()
+        await group.remove()
+
+
+async def test_remove_kills_what_is_still_inside(cgroups):
+    group, _ = cgroups.create("busy", memory=None, cores=0, cpus=None, mems=None)
+    if group is None:
+        pytest.skip("no cgroup hierarchy is writable here")
+    child = _join_and_run(group, "sleep", "300")
+    try:
+        await _until(lambda: child.pid in group.pids())
+        assert await group.remove(timeout=5)
+        assert child.wait(timeout=5) == -9
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_oom_is_counted_by_the_kernel(cgroups):
+    _need(cgroups, "memory")
+    group, unenforced = cgroups.create("oom", memory=64 * MiB, cores=0, cpus=None, mems=None)
+    try:
+        assert "memory" not in unenforced
+        child = _join_and_run(group, sys.executable, "-c", "bytearray(400 * 2**20)")
+        assert await asyncio.to_thread(child.wait, 30) == -9
+        assert group.oom_kills() >= 1
+    finally:
+        assert await group.remove()
+
+
+async def test_a_group_within_its_limit_counts_no_oom(cgroups):
+    _need(cgroups, "memory")
+    group, _ = cgroups.create("no-oom", memory=256 * MiB, cores=0, cpus=None, mems=None)
+    try:
+        child = _join_and_run(group, sys.executable, "-c", "bytearray(16 * 2**20)")
+        assert await asyncio.to_thread(child.wait, 30) == 0
+        assert group.oom_kills() == 0
+    finally:
+        assert await group.remove()
+
+
+def test_a_root_without_controllers_enforces_nothing(tmp_path):
+    hierarchy = open_cgroups(root=str(tmp_path), parent="hk-test")
+    assert isinstance(hierarchy, V1Cgroups)
+    assert hierarchy.probe() == []
+    assert hierarchy.unenforceable() == ["memory", "cpu", "cpuset"]
+    group, unenforced = hierarchy.create("1", memory=MiB, cores=1, cpus=[0], mems=[0])
+    assert group is None
+    assert unenforced == ["memory", "cpu", "cpuset"]
+    group, unenforced = hierarchy.create("2", memory=None, cores=0, cpus=None, mems=None)
+    assert group is None and unenforced == []
+
+
+def test_v1_groups_nest_under_the_runners_own_cgroup(tmp_path):
+    proc_cgroup = tmp_path / "cgroup"
+    proc_cgroup.write_text("4:memory:/outer/inner\n3:cpu,cpuacct:/\n2:cpuset:/\n0::/\n")
+    hierarchy = V1Cgroups(root="/sys/fs/cgroup", parent="hk", proc_cgroup=str(proc_cgroup))
+    assert hierarchy.parent_dir("memory") == Path("/sys/fs/cgroup/memory/outer/inner/hk")
+    assert hierarchy.parent_dir("cpu") == Path("/sys/fs/cgroup/cpu/hk")
+    assert hierarchy.parent_dir("cpuset") == Path("/sys/fs/cgroup/cpuset/hk")
+
+
+def test_unified_root_is_detected_and_unusable_controllers_are_reported(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    hierarchy = open_cgroups(root=str(tmp_path), parent="hk")
+    assert isinstance(hierarchy, V2Cgroups)
+    # a plain directory takes no subtree_control writes, so nothing is delegated
+    assert hierarchy.probe() == []
+    group, unenforced = hierarchy.create("7", memory=MiB, cores=2, cpus=None, mems=None)
+    assert isinstance(group, V2TaskCgroup) and group.path == tmp_path / "hk" / "7"
+    assert unenforced == ["memory", "cpu"]
+
+
+def test_v2_oom_count_comes_from_memory_events(tmp_path):
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\n")
+    assert V2TaskCgroup(tmp_path).oom_kills() == 1
+    assert V2TaskCgroup(tmp_path / "gone").oom_kills() == 0
+
+
+def test_v1_oom_count_falls_back_to_failcnt_on_old_kernels(tmp_path):
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
+    (tmp_path / "memory.failcnt").write_text("3\n")
+    assert V1TaskCgroup({"memory": tmp_path}).oom_kills() == 1
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    assert V1TaskCgroup({"memory": tmp_path}).oom_kills() == 0
+    assert V1TaskCgroup({"cpu": tmp_path}).oom_kills() == 0
+
+
+def test_handle_data_round_trips():
+    v1 = V1TaskCgroup({"memory": Path("/a/memory/x"), "cpu": Path("/a/cpu/x")})
+    assert attach(v1.to_data()).paths == v1.paths
+    v2 = V2TaskCgroup(Path("/a/hk/x"))
+    assert attach(v2.to_data()).path == v2.path
+    assert attach({}) is None

@@ -1,0 +1,311 @@
+"""The process executor with real processes and real cgroups (run as root), and its fallbacks."""
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hakuriver.messages import Task
+from runner.cgroups import attach
+from runner.executors.base import Handle, RunSpec, StartFailed
+from runner.executors.process import ProcessExecutor
+from runner.numa import detect_topology, format_cpulist
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def executor():
+    executor = ProcessExecutor(cgroup_parent=f"hk-test-{uuid.uuid4().hex[:8]}")
+    yield executor
+    executor.cgroups.remove_parent()
+    assert not any(path.exists() for path in executor.cgroups.parent_dirs()), "a task cgroup was left behind"
+
+
+@pytest.fixture
+def fallback(tmp_path):
+    """An executor whose cgroup root has no controllers: nothing can be enforced by cgroup."""
+    root = tmp_path / "no-cgroups"
+    root.mkdir()
+    return ProcessExecutor(cgroup_root=str(root), cgroup_parent="hk-test")
+
+
+def _need(executor, *controllers):
+    missing = [name for name in controllers if name not in executor.cgroups.probe()]
+    if missing:
+        pytest.skip(f"cgroup controllers {missing} are not writable here")
+
+
+_ids = iter(range(1, 10**6))
+
+
+def _task(command, *args, **limits):
+    return Task(task_id=int(time.time() * 1000) * 1000 + next(_ids), batch_id=1, command=command,
+                args=list(args), target="test", **limits)
+
+
+def _spec(tmp_path, **kwargs):
+    return RunSpec(env=dict(os.environ), stdout_path=tmp_path / "stdout", stderr_path=tmp_path / "stderr", **kwargs)
+
+
+def _marker():
+    return f"300.{uuid.uuid4().int % 10**6:06d}"
+
+
+def _processes_with(marker):
+    """Live processes with ``marker`` as an argument, once exec'd (not the cgroup-joining shell)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if marker in cmdline and "hakuriver-join" not in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc.pid)
+    return found
+
+
+def _cgroup_dirs(handle):
+    group = attach(handle.data["cgroup"]) if handle.data.get("cgroup") else None
+    return group.dirs() if group else []
+
+
+async def _until(predicate, timeout=10.0):
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def _run(executor, task, spec):
+    handle = await executor.start(task, spec)
+    try:
+        return handle, await asyncio.wait_for(executor.wait(handle), 60)
+    finally:
+        await executor.destroy(handle)
+
+
+async def test_output_goes_to_the_files_and_the_cgroup_is_removed(executor, tmp_path):
+    handle, outcome = await _run(executor, _task("sh", "-c", "echo out; echo err >&2; exit 3"), _spec(tmp_path))
+    assert outcome.exit_code == 3 and not outcome.oom
+    assert (tmp_path / "stdout").read_bytes() == b"out\n"
+    assert (tmp_path / "stderr").read_bytes() == b"err\n"
+    assert handle.data["pid"] > 0
+    assert not any(path.exists() for path in _cgroup_dirs(handle))
+
+
+async def test_environment_and_cwd_reach_the_task(executor, tmp_path):
+    spec = _spec(tmp_path, cwd=str(tmp_path))
+    spec.env["HK_PROBE"] = "value with spaces"
+    _, outcome = await _run(executor, _task("sh", "-c", 'printf "%s|%s" "$HK_PROBE" "$(pwd)"'), spec)
+    assert outcome.exit_code == 0
+    assert (tmp_path / "stdout").read_text() == f"value with spaces|{tmp_path}"
+
+
+async def test_unknown_command_fails_to_start_and_leaves_nothing(executor, tmp_path):
+    task = _task("hk-no-such-command-xyz")
+    with pytest.raises(StartFailed, match="command not found"):
+        await executor.start(task, _spec(tmp_path))
+    with pytest.raises(StartFailed, match="command not found"):
+        await executor.start(_task("./missing-script"), _spec(tmp_path, cwd=str(tmp_path)))
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    with pytest.raises(StartFailed, match="permission denied"):
+        await executor.start(_task("./not-executable"), _spec(tmp_path, cwd=str(tmp_path)))
+    assert not any((parent / str(task.task_id)).exists() for parent in executor.cgroups.parent_dirs())
+
+
+async def test_a_signal_death_is_128_plus_the_signal(executor, tmp_path):
+    _, outcome = await _run(executor, _task("sh", "-c", "kill -TERM $$"), _spec(tmp_path))
+    assert outcome.exit_code == 143 and not outcome.oom
+
+
+async def test_memory_over_the_limit_is_oom(executor, tmp_path):
+    _need(executor, "memory")
+    task = _task(sys.executable, "-c", "bytearray(400 * 2**20)", memory=64 * MiB)
+    handle, outcome = await _run(executor, task, _spec(tmp_path))
+    assert handle.unenforced == []
+    assert outcome.oom is True
+    assert outcome.exit_code == 137
+    assert str(64 * MiB) in outcome.message
+
+
+async def test_sigkill_without_the_limit_hit_is_not_oom(executor, tmp_path):
+    _need(executor, "memory")
+    _, outcome = await _run(executor, _task("sh", "-c", "kill -KILL $$", memory=64 * MiB), _spec(tmp_path))
+    assert outcome.exit_code == 137 and outcome.oom is False
+
+
+async def test_one_core_quota_is_shared_by_two_busy_processes(executor, tmp_path):
+    _need(executor, "cpu")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell 1 core from 2")
+    task = _task("sh", "-c", "while :; do :; done & while :; do :; done", cores=1)
+    handle = await executor.start(task, _spec(tmp_path))
+    try:
+        group = attach(handle.data["cgroup"])
+        await _until(lambda: len(group.pids()) == 2)
+        procs = [psutil.Process(pid) for pid in group.pids()]
+
+        def cpu_seconds():
+            return sum(sum(proc.cpu_times()[:2]) for proc in procs)
+
+        cpu_before, wall_before = cpu_seconds(), time.monotonic()
+        await asyncio.sleep(2.0)  # a measuring window, not synchronisation
+        cores_used = (cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
+        # unlimited, two busy loops would use 2 cores; the quota allows 1
+        assert 0.5 < cores_used < 1.35, cores_used
+    finally:
+        await executor.stop(handle, grace=1)
+        await executor.destroy(handle)
+
+
+async def test_numa_node_target_runs_on_that_nodes_cpus(executor, tmp_path):
+    node = detect_topology()[0]
+    await _expect_cpus(executor, tmp_path, node.cpus, [0])
+
+
+async def test_a_cpu_subset_is_enforced(executor, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    handle = await _expect_cpus(executor, tmp_path, cpus, [0])
+    if "cpuset" in executor.cgroups.probe():
+        assert handle.data["cgroup"] and "cpuset" not in handle.unenforced
+
+
+async def test_affinity_is_the_fallback_without_a_cpuset(fallback, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))[-1:]
+    handle = await _expect_cpus(fallback, tmp_path, cpus, [0])
+    assert handle.unenforced == []  # one memory node here: nothing to bind memory to
+
+
+async def _expect_cpus(executor, tmp_path, cpus, mems):
+    marker = _marker()
+    handle = await executor.start(_task("sleep", marker), _spec(tmp_path, cpus=cpus, mems=mems))
+    try:
+        # start returns once the trampoline runs; the limits hold from the exec of the command on
+        await _until(lambda: _processes_with(marker) == [handle.data["pid"]])
+        status = Path(f"/proc/{handle.data['pid']}/status").read_text()
+        allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                       if line.startswith("Cpus_allowed_list"))
+        assert allowed == format_cpulist(cpus)
+        return handle
+    finally:
+        await executor.stop(handle, grace=1)
+        await executor.destroy(handle)
+
+
+async def test_stop_reaches_every_process_and_destroy_removes_the_cgroup(executor, tmp_path):
+    marker = _marker()
+    # setsid: one sleep leaves the process group; only the cgroup still knows it
+    script = f"sleep {marker} & setsid sleep {marker} & sleep {marker}; wait"
+    handle = await executor.start(_task("sh", "-c", script), _spec(tmp_path))
+    await _until(lambda: len(_processes_with(marker)) == 3)
+    await executor.stop(handle, grace=5)
+    outcome = await asyncio.wait_for(executor.wait(handle), 10)
+    assert outcome.exit_code == 143 and not outcome.oom
+    await executor.destroy(handle)
+    if handle.data.get("cgroup"):
+        assert _processes_with(marker) == []
+        assert not any(path.exists() for path in _cgroup_dirs(handle))
+    else:
+        assert len(_processes_with(marker)) <= 1
+
+
+async def test_stop_escalates_to_sigkill_after_the_grace(executor, tmp_path):
+    marker = _marker()
+    # an ignored SIGTERM stays ignored across exec, so the sleep ignores it too
+    handle = await executor.start(_task("sh", "-c", f"trap '' TERM; sleep {marker}"), _spec(tmp_path))
+    await _until(lambda: _processes_with(marker))
+    started = time.monotonic()
+    await executor.stop(handle, grace=0.3)
+    outcome = await asyncio.wait_for(executor.wait(handle), 10)
+    assert time.monotonic() - started >= 0.3
+    assert outcome.exit_code == 137 and not outcome.oom
+    await executor.destroy(handle)
+    await _until(lambda: not _processes_with(marker))
+
+
+async def test_recover_kills_what_is_left_and_reports_lost(executor, tmp_path):
+    marker = _marker()
+    handle = await executor.start(_task("sh", "-c", f"sleep {marker} & sleep {marker}; wait"), _spec(tmp_path))
+    await _until(lambda: len(_processes_with(marker)) == 2)
+    stored = Handle.from_dict(handle.to_dict())
+    restarted = ProcessExecutor(cgroup_parent=executor.cgroups.parent)
+    assert await restarted.recover(stored, _spec(tmp_path)) is None
+    await _until(lambda: not _processes_with(marker))
+    assert not any(path.exists() for path in _cgroup_dirs(handle))
+    await asyncio.wait_for(executor.wait(handle), 10)
+    await executor.destroy(handle)
+
+
+async def test_without_cgroups_the_task_runs_and_says_what_is_unenforced(fallback, tmp_path):
+    assert fallback.unenforceable() == ["memory", "cpu"]
+    task = _task("sh", "-c", "echo ran", memory=64 * MiB, cores=1)
+    handle, outcome = await _run(fallback, task, _spec(tmp_path, cpus=[0], mems=[0]))
+    assert outcome.exit_code == 0
+    assert (tmp_path / "stdout").read_text() == "ran\n"
+    assert handle.unenforced == ["memory", "cpu"]
+    assert handle.data["cgroup"] is None
+
+
+async def test_without_a_cpuset_memory_binding_is_unenforced_on_multi_node_machines(tmp_path):
+    sys_nodes = tmp_path / "nodes"
+    for index in (0, 1):
+        (sys_nodes / f"node{index}").mkdir(parents=True)
+        (sys_nodes / f"node{index}" / "cpulist").write_text(str(index))
+        (sys_nodes / f"node{index}" / "meminfo").write_text(f"Node {index} MemTotal: 1024 kB\n")
+    executor = ProcessExecutor(cgroup_root=str(tmp_path / "none"), sys_node_root=str(sys_nodes))
+    assert executor.unenforceable() == ["memory", "cpu", "numa-memory"]
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    handle, outcome = await _run(executor, _task("true"), _spec(tmp_path, cpus=cpus, mems=[0]))
+    assert outcome.exit_code == 0
+    assert handle.unenforced == ["numa-memory"]
+
+
+async def test_inspect_lists_the_tasks_processes(executor, tmp_path):
+    marker = _marker()
+    handle = await executor.start(_task("sleep", marker), _spec(tmp_path))
+    try:
+        await _until(lambda: _processes_with(marker) == [handle.data["pid"]])
+        info = await executor.inspect(handle)
+        assert info["running"] is True
+        if handle.data.get("cgroup"):
+            assert info["pids"] == [handle.data["pid"]]
+            assert info["oom_kills"] == 0
+    finally:
+        await executor.stop(handle, grace=1)
+        await executor.destroy(handle)
+
+
+def _cgroup2_mount():
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "cgroup2":
+            return fields[1]
+    return None
+
+
+async def test_on_a_v2_hierarchy_the_cgroup_tracks_and_kills_the_whole_task(tmp_path):
+    """Run on whatever cgroup2 mount exists (on hybrid v1 machines: one without controllers)."""
+    mount = _cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 hierarchy mounted")
+    executor = ProcessExecutor(cgroup_root=mount, cgroup_parent=f"hk-test-{uuid.uuid4().hex[:8]}")
+    marker = _marker()
+    handle = await executor.start(_task("sh", "-c", f"setsid sleep {marker} & sleep {marker}"), _spec(tmp_path))
+    try:
+        if handle.data["cgroup"] is None:
+            pytest.skip(f"{mount} is not writable here")
+        assert handle.data["cgroup"]["version"] == 2
+        await _until(lambda: len(_processes_with(marker)) == 2)
+        # the shell and both sleeps, also the one that left the session
+        assert set((await executor.inspect(handle))["pids"]) == {handle.data["pid"], *_processes_with(marker)}
+        await executor.stop(handle, grace=5)
+        assert (await asyncio.wait_for(executor.wait(handle), 10)).exit_code == 143
+        await executor.destroy(handle)
+        assert _processes_with(marker) == []
+        assert not any(path.exists() for path in _cgroup_dirs(handle))
+    finally:
+        await executor.destroy(handle)
+        executor.cgroups.remove_parent()
+    assert not any(path.exists() for path in executor.cgroups.parent_dirs())

@@ -1,0 +1,136 @@
+"""The systemd executor's command line and availability, and the choice of executor per task.
+
+systemd is not PID 1 on the development machine, so the scope itself cannot run here;
+what can be checked without it is checked: the exact systemd-run argv and the selection.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hakuriver.config import Config
+from hakuriver.messages import Task
+from runner.executors.base import Executor, RunSpec, TaskRejected
+from runner.executors.process import ProcessExecutor
+from runner.executors.select import available_executors, executor_for
+from runner.executors.systemd import SystemdExecutor, cpu_quota, systemd_is_init, systemd_run_argv, unit_name
+
+
+def _task(**fields):
+    return Task(**{"task_id": 7205759403792793, "batch_id": 1, "command": "python3",
+                   "args": ["train.py", "--epochs", "3"], "target": "node1", **fields})
+
+
+def _spec(**fields):
+    return RunSpec(env={}, stdout_path=Path("/tmp/o"), stderr_path=Path("/tmp/e"), **fields)
+
+
+def test_a_task_without_limits_is_a_bare_scope():
+    assert systemd_run_argv(_task(), _spec()) == [
+        "systemd-run", "--scope", "--quiet", "--unit=hakuriver-task-7205759403792793.scope",
+        "--description=HakuRiver task 7205759403792793", "--", "python3", "train.py", "--epochs", "3"]
+
+
+def test_limits_become_unit_properties():
+    argv = systemd_run_argv(_task(cores=2.5, memory=8 << 30), _spec(cpus=[0, 1, 2, 3, 8], mems=[0]),
+                            unit_prefix="hk-test-task")
+    assert "--unit=hk-test-task-7205759403792793.scope" in argv
+    properties = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-p"]
+    assert properties == ["CPUQuota=250%", f"MemoryMax={8 << 30}", "MemorySwapMax=0",
+                          "AllowedCPUs=0-3,8", "AllowedMemoryNodes=0"]
+    assert argv[argv.index("--") + 1:] == ["python3", "train.py", "--epochs", "3"]
+
+
+def test_legacy_systemd_pins_numa_with_numactl():
+    argv = systemd_run_argv(_task(), _spec(cpus=[4, 5, 6, 7], mems=[1]), cpuset=False, numactl="/usr/bin/numactl")
+    assert not any(arg.startswith(("AllowedCPUs", "AllowedMemoryNodes")) for arg in argv)
+    assert argv[argv.index("--") + 1:] == ["/usr/bin/numactl", "--physcpubind=4-7", "--membind=1", "--",
+                                           "python3", "train.py", "--epochs", "3"]
+    # without numactl the command is left alone (the executor falls back to CPU affinity)
+    argv = systemd_run_argv(_task(), _spec(cpus=[4], mems=[1]), cpuset=False)
+    assert argv[argv.index("--") + 1:] == ["python3", "train.py", "--epochs", "3"]
+
+
+@pytest.mark.parametrize("cores, quota", [(1, "100%"), (0.5, "50%"), (0.004, "1%"), (16, "1600%"), (1.256, "126%")])
+def test_cpu_quota(cores, quota):
+    assert cpu_quota(cores) == quota
+
+
+def test_unit_name():
+    assert unit_name(12) == "hakuriver-task-12.scope"
+
+
+def test_systemd_is_init_needs_the_run_dir_and_pid_1(tmp_path):
+    run_dir = tmp_path / "run-systemd-system"
+    comm = tmp_path / "comm"
+    comm.write_text("systemd\n")
+    assert not systemd_is_init(str(run_dir), str(comm))
+    run_dir.mkdir()
+    assert systemd_is_init(str(run_dir), str(comm))
+    comm.write_text("process_api\n")
+    assert not systemd_is_init(str(run_dir), str(comm))
+    assert not systemd_is_init(str(run_dir), str(tmp_path / "no-such-proc"))
+
+
+def test_available_matches_this_machine():
+    expected = systemd_is_init() and shutil.which("systemd-run") is not None
+    assert SystemdExecutor.available() is expected
+
+
+def test_legacy_systemd_without_numactl_cannot_bind_memory_on_multi_node_machines(tmp_path):
+    sys_nodes = tmp_path / "nodes"
+    for index in (0, 1):
+        (sys_nodes / f"node{index}").mkdir(parents=True)
+        (sys_nodes / f"node{index}" / "cpulist").write_text(str(index))
+        (sys_nodes / f"node{index}" / "meminfo").write_text(f"Node {index} MemTotal: 1024 kB\n")
+    legacy = SystemdExecutor(sys_node_root=str(sys_nodes), cgroup_root=str(tmp_path / "legacy"))
+    legacy._numactl = None
+    assert legacy.unenforceable() == ["numa-memory"]
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("cpuset cpu memory\n")
+    assert SystemdExecutor(sys_node_root=str(sys_nodes), cgroup_root=str(tmp_path / "unified")).unenforceable() == []
+
+
+# ---- selection ---------------------------------------------------------------------
+
+class _Named(Executor):
+    """A stand-in executor that is never started: selection only looks at names."""
+
+    def __init__(self, name):
+        self.name = name
+
+    async def start(self, task, spec): raise NotImplementedError
+    async def wait(self, handle): raise NotImplementedError
+    async def stop(self, handle, grace): raise NotImplementedError
+    async def destroy(self, handle): raise NotImplementedError
+
+
+def test_container_tasks_go_to_docker():
+    executors = {name: _Named(name) for name in ("docker", "systemd", "process")}
+    assert executor_for(_task(container="hakuriver-base"), executors).name == "docker"
+
+
+def test_container_task_without_docker_is_rejected_with_the_reason():
+    executors = {"process": _Named("process")}
+    with pytest.raises(TaskRejected, match="Docker is not available"):
+        executor_for(_task(container="hakuriver-base"), executors)
+
+
+def test_host_tasks_prefer_systemd_then_process():
+    assert executor_for(_task(), {name: _Named(name) for name in ("docker", "systemd", "process")}).name == "systemd"
+    assert executor_for(_task(), {name: _Named(name) for name in ("docker", "process")}).name == "process"
+    with pytest.raises(TaskRejected):
+        executor_for(_task(), {"docker": _Named("docker")})
+
+
+def test_available_executors_on_this_machine():
+    config = Config()
+    config.broker.prefix = "hk-test-select"
+    executors = available_executors(config)
+    assert isinstance(executors["process"], ProcessExecutor)
+    assert executors["process"].cgroups.parent == "hk-test-select"
+    assert ("systemd" in executors) is SystemdExecutor.available()
+    assert all(name == executor.name for name, executor in executors.items())
+    executors["process"].cgroups.remove_parent()
+    assert executor_for(_task(), executors).name in ("systemd", "process")
