@@ -10,7 +10,7 @@ Binary output travels as the raw message body; its metadata rides in headers
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -29,14 +29,15 @@ EnvKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     v: Literal[1] = VERSION
+    max_bytes: ClassVar[int] = MAX_MESSAGE_BYTES
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
     @classmethod
     def from_bytes(cls, body: bytes):
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} byte bound")
+        if len(body) > cls.max_bytes:
+            raise ValueError(f"message of {len(body)} bytes is over the {cls.max_bytes} byte bound")
         return cls.model_validate_json(body)
 
 
@@ -193,6 +194,7 @@ class RpcRequest(Message):
 
 
 class RpcReply(Message):
+    max_bytes: ClassVar[int] = 8 << 20  # an output page of 4 MiB, base64-encoded
     ok: bool
     result: Any = None
     error: str = ""

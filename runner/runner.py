@@ -39,6 +39,7 @@ from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFaile
 from runner.executors.select import available_executors, executor_for
 from runner.numa import detect_topology
 from runner.output import OutputStream
+from runner.policy import refusal
 from runner.store import RunnerStore, StoredTask
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Runner:
         await message.ack()
 
     def _rejection(self, task: Task) -> str | None:
-        reason = self.admission.never_fits(task)
+        reason = self.admission.never_fits(task) or refusal(task, self.config.node)
         if reason is not None:
             return reason
         try:

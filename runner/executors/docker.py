@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from hakuriver.config import Config
 from hakuriver.messages import Task
 from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFailed, TaskRejected
+from runner.policy import refusal
 from runner.images import ImageLoadFailed, ImageSync, UnknownEnvironment, check_environment_name
 
 if TYPE_CHECKING:
@@ -244,15 +245,9 @@ class DockerExecutor(Executor):
             raise StartFailed(str(exc)) from None
 
     def _check_policy(self, task: Task) -> None:
-        node = self._config.node
-        if task.privileged and not node.allow_privileged:
-            raise TaskRejected(f"privileged containers are not allowed on node {node.node_name}")
-        roots = [os.path.realpath(root) for root in node.allowed_mount_roots]
-        for mount in task.mounts:
-            host_path = os.path.realpath(mount.host_path)
-            if not any(_is_under(host_path, root) for root in roots):
-                raise TaskRejected(f"mount of {mount.host_path} is not allowed on node {node.node_name} "
-                                   f"(allowed roots: {', '.join(node.allowed_mount_roots) or 'none'})")
+        reason = refusal(task, self._config.node)
+        if reason is not None:
+            raise TaskRejected(reason)
 
     def _container_config(self, task: Task, spec: RunSpec, image: str) -> dict[str, Any]:
         binds = []
@@ -385,10 +380,6 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _is_under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _start_failure(task: Task, docker_message: str) -> str:
