@@ -9,8 +9,8 @@
 #                                  and rabbitmq-server; made with `docker import`
 #   hakuriver/rabbitmq:<hash>      the broker: the base plus a config that lets the cluster's
 #                                  containers log in (and `:local`, the tag compose uses)
-#   hakuriver/hakuriver:<hash>     the project: deploy/Dockerfile on the base, installing a
-#                                  wheel built here on the build machine (and `:base`, the
+#   hakuriver/hakuriver:<hash>     the project: deploy/Dockerfile on the base, installing
+#                                  wheels built here on the build machine (and `:base`, the
 #                                  tag compose uses; also the default task environment)
 #
 # Usage: deploy/build-images.sh [--print-env]
@@ -92,9 +92,10 @@ docker tag "$rabbit_image" hakuriver/rabbitmq:local
 # --- 3. The project, from a wheel built here -------------------------------------------------
 context=$(mktemp -d /tmp/hakuriver-context.XXXXXX)
 trap 'rm -rf "$context"' EXIT
-log "building the wheel"
-python3 -m pip wheel -q --no-deps --no-build-isolation -w "$context/dist" "$repo" >/dev/null 2>&1 \
-    || python3 -m pip wheel -q --no-deps -w "$context/dist" "$repo" >/dev/null
+# The wheels of the project and of every dependency are made here, with this machine's
+# pip set-up (index, proxy, certificates), so the image build itself needs no network.
+log "building the wheels"
+python3 -m pip wheel -q --disable-pip-version-check -w "$context/dist" "$repo" >&2
 cp "$here/Dockerfile" "$context/Dockerfile"
 # The wheel's bytes change with build time stamps, so hash the sources it is made of instead.
 source_hash=$(cd "$repo" && find pyproject.toml hakuriver runner client hakurun -name '*.py' -o -name '*.toml' \
@@ -105,8 +106,7 @@ if image_exists "$project_image"; then
     log "reusing $project_image"
 else
     log "building $project_image"
-    # pip fetches the dependencies from PyPI, so this one step needs the machine's network.
-    docker build -q --network host --build-arg BASE_IMAGE="$base_image" \
+    docker build -q --network none --build-arg BASE_IMAGE="$base_image" \
         -t "$project_image" "$context" >/dev/null
 fi
 docker tag "$project_image" hakuriver/hakuriver:base
