@@ -318,3 +318,16 @@ def test_help_is_fast_and_lists_options():
     elapsed = time.perf_counter() - start
     assert result.returncode == 0 and b"--target" in result.stdout and b"--list-nodes" in result.stdout
     print(f"hakuriver.client --help: {elapsed * 1000:.0f} ms")
+
+
+def test_follow_streams_output_live(seed_cluster):
+    c = seed_cluster
+    script = "for i in 1 2 3; do echo tick $i; sleep 0.2; done; echo done >&2; exit 4"
+    result = c.cli("--wait", "--follow", "--target", "node1", "--", "sh", "-c", script)
+    assert result.returncode == 4
+    lines = result.stdout.decode().splitlines()
+    task_id = lines[0]
+    assert lines[1:] == ["tick 1", "tick 2", "tick 3"]
+    assert result.stderr.decode().startswith("done\n")
+    follow = c.cli("--stdout", task_id, "--follow")
+    assert follow.stdout == b"tick 1\ntick 2\ntick 3\n"
