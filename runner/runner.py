@@ -157,13 +157,17 @@ class Runner:
 
     # ---- taking tasks -----------------------------------------------------------------
 
-    async def _on_task_message(self, message: AbstractIncomingMessage) -> None:
+    async def _parse_task(self, message: AbstractIncomingMessage) -> Task | None:
+        """The task in ``message``; None (and the message dead-lettered) if it is not a valid one."""
         try:
-            task = Task.from_bytes(message.body)
+            return Task.from_bytes(message.body)
         except ValueError as exc:
             await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
-            return
-        await self._accept(task, message)
+            return None
+
+    async def _on_task_message(self, message: AbstractIncomingMessage) -> None:
+        if (task := await self._parse_task(message)) is not None:
+            await self._accept(task, message)
 
     async def _accept(self, task: Task, message: AbstractIncomingMessage) -> None:
         if self.store.has(task.task_id):  # redelivered: already ours
@@ -191,10 +195,7 @@ class Runner:
         return None
 
     async def _on_pool_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            task = Task.from_bytes(message.body)
-        except ValueError as exc:
-            await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
+        if (task := await self._parse_task(message)) is None:
             return
         if not self.store.has(task.task_id) and (self.admission.never_fits(task) or not self.admission.fits(task)
                                                  or self.waiting):
