@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, BROKER_URL, Cluster
+from local_cluster import BIN, BROKER_URL, Cluster
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from conftest import Cluster
+from local_cluster import Cluster
 
 
 def test_sweep_of_1000_completes(cluster):

@@ -1,0 +1,172 @@
+"""A local cluster of real processes for tests: host and runners under a private broker prefix.
+
+:class:`Cluster` starts ``hakuriver.host`` and ``hakuriver.runner`` processes against the real
+RabbitMQ under a prefix of their own, runs the real CLI against them, and deletes everything it
+declared on the broker when stopped. Test modules import it as ``from local_cluster import ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+BROKER_URL = os.environ.get("HAKURIVER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BIN = Path(sys.executable).parent
+
+
+def unique_prefix() -> str:
+    return f"hkt-{uuid.uuid4().hex[:8]}"
+
+
+async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL) -> None:
+    """Delete every exchange and queue that a cluster under ``prefix`` declares."""
+    import aio_pika
+
+    from hakuriver.topology import Topology
+
+    topo = Topology(prefix)
+    queues = [topo.ledger, topo.rpc, topo.pool, topo.dead]
+    for node in nodes:
+        queues += [topo.node_queue(node), topo.control_queue(node), topo.nodeinfo_queue(node)]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for name in queues:
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(name)
+            except Exception:
+                pass
+        for name in (topo.tasks, topo.control, topo.events, topo.dead):
+            channel = await connection.channel()
+            try:
+                await channel.exchange_delete(name)
+            except Exception:
+                pass
+
+
+def write_config(path: Path, prefix: str, root: Path, **sections: dict) -> Path:
+    """A config file for a test cluster; ``sections`` add or override keys."""
+    config = {
+        "broker": {"url": BROKER_URL, "prefix": prefix},
+        "paths": {"state_dir": str(root / "state"), "shared_dir": str(root / "shared"),
+                  "local_temp_dir": str(root / "tmp")},
+        "timing": {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0},
+        "docker": {"default_container": "NULL"},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Cluster:
+    """A host and runners as real processes, and the real CLI, under one private prefix."""
+
+    def __init__(self, root: Path, nodes: list[str], **sections: dict):
+        self.root = root
+        self.nodes = nodes
+        self.prefix = unique_prefix()
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = write_config(root / "config.toml", self.prefix, root, **sections)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
+        self.env["HAKURIVER_CONFIG"] = str(self.config)
+        self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '/usr/bin:/bin')}"  # tasks find hakurun, python
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_host(self) -> None:
+        self._spawn("host", [str(BIN / "hakuriver.host")])
+
+    def start_runner(self, node: str) -> None:
+        self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node])
+
+    def start(self) -> "Cluster":
+        self.start_host()
+        for node in self.nodes:
+            self.start_runner(node)
+        self.wait_online(self.nodes)
+        return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            proc = self.processes.pop(name)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        asyncio.run(delete_prefix(self.prefix, self.nodes))
+        from runner.cgroups import open_cgroups
+
+        try:
+            open_cgroups(parent=self.prefix).remove_parent()
+        except OSError:
+            pass
+
+    def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run ``hakuriver.client ARGS`` and return its result (stdout and stderr as bytes)."""
+        return subprocess.run([str(BIN / "hakuriver.client"), *args], env=self.env, capture_output=True,
+                              timeout=timeout, input=input)
+
+    def cli_ok(self, *args: str, timeout: float = 60) -> str:
+        result = self.cli(*args, timeout=timeout)
+        assert result.returncode == 0, (result.returncode, result.stderr.decode())
+        return result.stdout.decode()
+
+    def query(self, *args: str):
+        return json.loads(self.cli_ok(*args, "--json"))
+
+    def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
+        """Poll ``predicate`` (a query against the host) until it returns something truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.1)
+
+    def node_states(self) -> dict[str, bool]:
+        result = self.cli("--list-nodes", "--json")
+        if result.returncode != 0:
+            return {}
+        return {n["name"]: n["online"] for n in json.loads(result.stdout)["nodes"]}
+
+    def wait_online(self, nodes: list[str], timeout: float = 30) -> None:
+        self.wait_for(lambda: all(self.node_states().get(n) for n in nodes), timeout, f"nodes {nodes} online")
+
+    def task(self, task_id: str | int) -> dict:
+        return self.query("--status", str(task_id))
+
+    def wait_state(self, task_id, states: set[str] | str, timeout: float = 30) -> dict:
+        states = {states} if isinstance(states, str) else states
+
+        def reached():
+            result = self.cli("--status", str(task_id), "--json")
+            if result.returncode == 0:
+                task = json.loads(result.stdout)
+                return task if task["state"] in states else None
+        return self.wait_for(reached, timeout, f"task {task_id} in {states}")
