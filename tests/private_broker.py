@@ -3,7 +3,7 @@
 Why it exists: fault tests restart the broker, and the machine's broker at 5672 is
 shared by everyone. This starts a second node with its own name, ports, data and
 log directories, Erlang cookie (``$HOME/.erlang.cookie`` of a private home) and
-config file (a low ``consumer_timeout``), none of it touching the shared one.
+config file (a low ``consumer_timeout``, checked every second), none of it touching the shared one.
 
     broker = PrivateBroker(root)      # free ports chosen at construction
     broker.start()                    # returns once the node accepts AMQP connections
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -90,7 +89,9 @@ class PrivateBroker:
             "loopback_users.guest = true\n"
             "log.console = false\n"
             "log.file.level = info\n")
-        (self.root / "advanced.config").write_text("[].\n")
+        # Channels check their consumer timeout on a tick, once a minute by default: a
+        # 20 s timeout would then fire anywhere between 20 s and 80 s. Tick each second.
+        (self.root / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq-env.conf").write_text("")
 
