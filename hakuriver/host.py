@@ -7,7 +7,9 @@ process that remembers. It
   in batches: one transaction per batch, then one multiple-ack, so ingestion keeps up
   with thousands of events per second and nothing is acked before it is committed;
 - marks nodes that stopped sending heartbeats ``offline`` and their running tasks
-  ``lost``, publishing that ``lost`` event so waiting clients learn it;
+  ``lost``, publishing that ``lost`` event (through an on-disk outbox, so it survives a
+  broker outage) so waiting clients learn it. Silence only counts while the host itself
+  is connected: after the host (re)connects, every runner gets a full window to be heard;
 - answers :class:`~hakuriver.messages.RpcRequest` on ``<prefix>.rpc`` (see :mod:`hakuriver.rpc`).
 
 Malformed messages go to the dead-letter queue with a reason; the consumers live on.
@@ -20,6 +22,7 @@ import asyncio
 import base64
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ from hakuriver import __version__, broker
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.ledger import MAX_LIST_LIMIT, MAX_READ_BYTES, Ledger, UnknownTask
 from hakuriver.messages import Heartbeat, OutputChunk, RpcReply, RpcRequest, StateEvent
+from hakuriver.outbox import Outbox
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
 
@@ -48,6 +52,9 @@ RPC_PREFETCH = 64
 MAX_OUTPUT_WAIT = 300.0   # longest "follow" wait one request may ask for
 INT64 = 1 << 63
 SOURCE = "host"
+# How long runners may take to be back after the broker is: the robust connection's
+# reconnect interval plus a little.
+RUNNER_RECONNECT_S = broker.RECONNECT_INTERVAL_S + 1.0
 
 
 class Malformed(ValueError):
@@ -166,15 +173,23 @@ class Host:
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._loops: list[asyncio.Task] = []
         self._requests: set[asyncio.Task] = set()
-        self._started_at = 0.0
+        self._started_at = 0.0        # start, or last reconnect: offline checks wait a window after it
+        self._connected = False
+        self._outbox: Outbox | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
     async def start(self, retry: bool = False) -> None:
         """Open the ledger, connect (with ``retry``, until the broker answers), declare, consume."""
         await self.ledger.open()
+        outbox_db = sqlite3.connect(Path(self.config.paths.state_dir) / "host-outbox.db")
+        outbox_db.execute("PRAGMA journal_mode=WAL")
+        self._outbox = Outbox(outbox_db)
         self._connection = await self._connect(retry)
-        publish_channel = await self._connection.channel()
+        self._connected = True
+        self._connection.close_callbacks.add(self._on_disconnect)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        publish_channel = await self._connection.channel(publisher_confirms=True)
         self._exchanges = await broker.declare_exchanges(publish_channel, self.topo)
 
         ledger_channel = await self._connection.channel()
@@ -191,10 +206,24 @@ class Host:
 
         self._started_at = time.monotonic()
         self._loops = [asyncio.create_task(self._ingest_forever(), name="host-ingest"),
-                       asyncio.create_task(self._watch_nodes_forever(), name="host-offline")]
+                       asyncio.create_task(self._watch_nodes_forever(), name="host-offline"),
+                       asyncio.create_task(self._outbox.drain_forever(self._publish_event), name="host-outbox")]
         self._consumers = [(ledger_queue, await ledger_queue.consume(self._on_ledger_message)),
                            (rpc_queue, await rpc_queue.consume(self._on_rpc_request))]
         log.info("host serving %s (ledger %s, database %s)", self.topo.prefix, self.topo.ledger, self.ledger.dialect)
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self._connected = False
+
+    def _on_reconnect(self, *_: Any) -> None:
+        # The heartbeats missed while the host was away say nothing about the runners,
+        # which may reconnect up to one reconnect interval after the host did.
+        self._connected = True
+        self._started_at = time.monotonic() + RUNNER_RECONNECT_S
+        log.info("host reconnected to the broker")
+
+    async def _publish_event(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
+        await self._exchanges.events.publish(broker.persistent(body, headers), routing_key=key, mandatory=False)
 
     async def _connect(self, retry: bool):
         delay = 1.0
@@ -223,6 +252,9 @@ class Host:
             # Deliveries still unacked (in the inbox) go back to the queue for the next start.
             await self._connection.close()
             self._connection = None
+        if self._outbox is not None:
+            self._outbox.db.close()
+            self._outbox = None
         await self.ledger.close()
 
     # -- ingestion -------------------------------------------------------------------
@@ -336,9 +368,9 @@ class Host:
         timing = self.config.timing
         while True:
             await asyncio.sleep(max(timing.heartbeat_interval / 2, 0.05))
-            # After a (re)start, give every runner one full timeout to be heard from:
-            # the last_seen times in the database are from before the host went down.
-            if time.monotonic() - self._started_at < timing.offline_after:
+            # After a (re)start or reconnect, give every runner one full timeout to be heard
+            # from: the last_seen times in the database are from before the host was away.
+            if not self._connected or time.monotonic() - self._started_at < timing.offline_after:
                 continue
             try:
                 await self.check_offline()
@@ -350,10 +382,10 @@ class Host:
     async def check_offline(self) -> list[StateEvent]:
         """Mark silent nodes offline and their running tasks lost; tell the world."""
         lost = await self.ledger.mark_offline(self.config.timing.offline_after)
-        for event in lost:
-            log.warning("task %d lost: %s", event.task_id, event.message)
-            await self._exchanges.events.publish(broker.persistent(event.to_bytes()),
-                                                 routing_key=Topology.state_key(event.task_id), mandatory=False)
+        with self._outbox.db:  # sent when the broker confirms, also after an outage
+            for event in lost:
+                log.warning("task %d lost: %s", event.task_id, event.message)
+                self._outbox.add(self.topo.events, Topology.state_key(event.task_id), event.to_bytes())
         if lost:
             await self._notify_changed()
         return lost

@@ -55,6 +55,7 @@ class Running:
     output: OutputStream
     handle: Handle | None = None
     kill_requested: bool = False
+    ending: bool = False  # its outcome is known; the final event is on its way
 
 
 class Runner:
@@ -212,11 +213,16 @@ class Runner:
             return
         want = (self.admission.has_room_for_more() and not self.waiting
                 and time.monotonic() >= self._pool_paused_until)
-        if want and self._pool_tag is None:
-            self._pool_tag = await self._pool_queue.consume(self._on_pool_message)
-        elif not want and self._pool_tag is not None:
-            tag, self._pool_tag = self._pool_tag, None
-            await self._pool_queue.cancel(tag)
+        try:
+            if want and self._pool_tag is None:
+                self._pool_tag = await self._pool_queue.consume(self._on_pool_message)
+            elif not want and self._pool_tag is not None:
+                await self._pool_queue.cancel(self._pool_tag)
+                self._pool_tag = None
+        except Exception as exc:
+            # The broker is away. Nothing changed: the next pass of the schedule loop
+            # tries again (a failure here must never end that loop, or nothing starts).
+            log.debug("pool consumer not updated: %s", exc)
 
     # ---- kills ------------------------------------------------------------------------
 
@@ -327,6 +333,7 @@ class Runner:
     async def _finish(self, running: Running, state: TaskState, exit_code: int | None, message: str) -> None:
         """Record the outcome, send all output, then the final event; free the resources."""
         task_id = running.task.task_id
+        running.ending = True
         self.store.set_outcome(task_id, {"state": state, "exit_code": exit_code, "message": message})
         if running.handle is not None:
             try:
@@ -432,7 +439,11 @@ class Runner:
             memory_total=self.admission.capacity.memory, memory_free=self.admission.memory_free,
             numa=self.numa, numa_cores_free=self.admission.numa_cores_free(),
             cpu_percent=psutil.cpu_percent(None), memory_percent=memory.percent,
-            running=sorted(self.running), queued=[t.task_id for t in self.waiting],
+            # A task whose end is known is no longer reported as running: after a restart
+            # a task that could not be followed must not look alive (and undo the host's
+            # "lost") for the moment before its own "lost" event arrives.
+            running=sorted(i for i, r in self.running.items() if not r.ending),
+            queued=[t.task_id for t in self.waiting],
             version=hakuriver.__version__, executors=sorted(self.executors), unenforced=unenforced,
             stopping=stopping)
 
