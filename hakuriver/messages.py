@@ -27,7 +27,7 @@ EnvKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     v: Literal[1] = VERSION
     max_bytes: ClassVar[int] = MAX_MESSAGE_BYTES
 
@@ -42,7 +42,7 @@ class Message(BaseModel):
 
 
 class Mount(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     host_path: str
     container_path: str
     read_only: bool = False
@@ -132,7 +132,7 @@ class OutputChunk(BaseModel):
     stays byte-identical to what the task wrote.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     v: Literal[1] = VERSION
     task_id: int
     stream: Literal["stdout", "stderr"]
@@ -154,7 +154,7 @@ class Kill(Message):
 
 
 class NumaNode(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     cpus: list[int]
     memory: int  # bytes
 
