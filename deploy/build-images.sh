@@ -16,8 +16,10 @@
 # Usage: deploy/build-images.sh [--print-env]
 #   --print-env  print the environment variables docker-compose.yml reads to use these images
 # Environment: HAKURIVER_DEBIAN_MIRROR (default: the first Debian mirror in /etc/apt/sources*,
-#   else http://deb.debian.org/debian), HAKURIVER_DEBIAN_SUITE (default bookworm).
-# Needs root (debootstrap, chroot), debootstrap, python3 with pip, and a running Docker engine.
+#   else http://deb.debian.org/debian), HAKURIVER_DEBIAN_SUITE (default bookworm),
+#   PYTHON (the interpreter whose pip builds the wheels, default python3).
+# Needs root (debootstrap, chroot), python3 with pip, and a running Docker engine; installs
+# debootstrap and docker-compose with apt-get when they are missing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,6 +43,17 @@ find_mirror() {
 }
 mirror=${HAKURIVER_DEBIAN_MIRROR:-$(find_mirror)}
 
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+        --no-install-recommends "$@" >/dev/null
+}
+# The images are for docker-compose.yml: make sure there is a compose to run them with,
+# the plugin where Docker ships it, else Debian's docker-compose (v1).
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+    log "installing docker-compose"
+    apt_install docker-compose
+fi
+
 hash_of() { sha256sum | cut -c1-12; }
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
@@ -53,8 +66,7 @@ if image_exists "$base_image"; then
 else
     command -v debootstrap >/dev/null || {
         log "installing debootstrap"
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-            --no-install-recommends debootstrap >/dev/null
+        apt_install debootstrap
     }
     root=$(mktemp -d /tmp/hakuriver-rootfs.XXXXXX)
     trap 'rm -rf "$root"' EXIT
@@ -89,27 +101,35 @@ else
 fi
 docker tag "$rabbit_image" hakuriver/rabbitmq:local
 
-# --- 3. The project, from a wheel built here -------------------------------------------------
-context=$(mktemp -d /tmp/hakuriver-context.XXXXXX)
-trap 'rm -rf "$context"' EXIT
-# The wheels of the project and of every dependency are made here, with this machine's
-# pip set-up (index, proxy, certificates), so the image build itself needs no network.
-log "building the wheels"
-python3 -m pip wheel -q --disable-pip-version-check -w "$context/dist" "$repo" >&2
-cp "$here/Dockerfile" "$context/Dockerfile"
+# --- 3. The project, from wheels built here ------------------------------------------------
 # The wheel's bytes change with build time stamps, so hash the sources it is made of instead.
 source_hash=$(cd "$repo" && find pyproject.toml hakuriver runner client hakurun -name '*.py' -o -name '*.toml' \
     | LC_ALL=C sort | xargs sha256sum | sha256sum)
-project_hash=$(printf '%s\n' "$base_hash" "$source_hash" "$(sha256sum "$here/Dockerfile")" | hash_of)
+project_hash=$(printf '%s\n' "$base_hash" "$source_hash" "$(sha256sum <"$here/Dockerfile")" | hash_of)
 project_image=hakuriver/hakuriver:$project_hash
 if image_exists "$project_image"; then
     log "reusing $project_image"
 else
+    context=$(mktemp -d /tmp/hakuriver-context.XXXXXX)
+    trap 'rm -rf "$context"' EXIT
+    # The wheels of the project and of every dependency are made here, with this machine's
+    # pip set-up (index, proxy, certificates), so the image build itself needs no network.
+    log "building the wheels"
+    "${PYTHON:-python3}" -m pip wheel -q --disable-pip-version-check -w "$context/dist" "$repo" >"$context/pip.log" 2>&1 \
+        || { tail -n 30 "$context/pip.log" >&2; exit 1; }
+    rm "$context/pip.log"
+    cp "$here/Dockerfile" "$context/Dockerfile"
     log "building $project_image"
     docker build -q --network none --build-arg BASE_IMAGE="$base_image" \
         -t "$project_image" "$context" >/dev/null
+    rm -rf "$context"
+    trap - EXIT
 fi
 docker tag "$project_image" hakuriver/hakuriver:base
+# Each change of the sources makes a new project image; drop the older ones (those still
+# used by a container stay).
+docker images --format '{{.Repository}}:{{.Tag}}' hakuriver/hakuriver | grep -E ':[0-9a-f]{12}$' \
+    | grep -vx "$project_image" | xargs -r docker rmi >/dev/null 2>&1 || true
 
 if $print_env; then
     echo "HAKURIVER_IMAGE=$project_image"

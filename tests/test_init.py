@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def init(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    command = shutil.which("hakuriver.init")
+    # The script of the install running these tests: beside its interpreter (a venv), else on PATH.
+    beside = Path(sys.executable).parent / "hakuriver.init"
+    command = str(beside) if beside.is_file() else shutil.which("hakuriver.init")
     assert command, "hakuriver.init is not installed (pip install -e .)"
     return subprocess.run([command, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -41,8 +42,9 @@ def compose_command() -> list[str]:
 def build_images() -> tuple[dict[str, str], float]:
     """Run deploy/build-images.sh; returns the compose variables it prints and its seconds."""
     started = time.monotonic()
+    # The wheels come from the pip of the interpreter running the tests (CI's virtual environment).
     done = subprocess.run([str(REPO / "deploy" / "build-images.sh"), "--print-env"], capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env=os.environ | {"PYTHON": sys.executable})
     if done.returncode != 0:
         raise ClusterError(f"deploy/build-images.sh failed ({done.returncode}):\n{done.stderr[-4000:]}")
     images = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
@@ -155,8 +157,20 @@ class ComposeCluster:
         return self.task(task_id)["state"]
 
     def wait_state(self, task_id: str, states: set[str], timeout: float) -> str:
-        return wait_for(f"task {task_id} to be {'/'.join(sorted(states))} (last: see logs)",
-                        lambda: (s := self.state(task_id)) in states and s, timeout=timeout, interval=1)
+        """Wait until the ledger has the task in one of ``states``; returns that state."""
+        seen: list[str] = []
+
+        def reached() -> str | None:
+            try:
+                seen.append(self.state(task_id))
+            except ClusterError:  # not in the ledger yet
+                return None
+            return seen[-1] if seen[-1] in states else None
+
+        try:
+            return wait_for(f"task {task_id} to be {'/'.join(sorted(states))}", reached, timeout=timeout, interval=1)
+        except ClusterError as exc:
+            raise ClusterError(f"{exc}; states seen: {list(dict.fromkeys(seen))}") from None
 
     def node_online(self, node: str) -> bool:
         done = self.client("--list-nodes", "--json")
