@@ -146,12 +146,11 @@ class Client:
                                  f"(it has {', '.join(map(str, info.numa))})")
 
     async def submit(self, tasks: list[Task], on_confirmed: Callable[[Task], None] | None = None) -> None:
-        """Publish each task's ``pending`` event and the task itself, pipelined, confirms awaited.
+        """Publish the tasks, pipelined, confirms awaited.
 
         ``on_confirmed`` is called in submission order once a task is safely with the broker
         (the CLI prints its id then). A task that comes back unroutable raises BadRequest.
         """
-        await broker.declare_ledger_queue(self._channel, self.topo, self.exchanges)
         returned: list[str] = []
         for start in range(0, len(tasks), PUBLISH_WINDOW):
             window = tasks[start:start + PUBLISH_WINDOW]
@@ -159,24 +158,22 @@ class Client:
             for task, result in zip(window, results):
                 if result is not None:
                     returned.append(task.routing_key)
-                    await self._publish_event(StateEvent(task_id=task.task_id, state=TaskState.REJECTED, seq=1,
-                                                         message=f"unknown node {task.routing_key!r}"))
                 elif on_confirmed is not None:
                     on_confirmed(task)
+            if returned and set(returned) == {POOL_KEY}:
+                raise BadRequest("no runner has joined the pool yet (--target any)")
             if returned:
-                raise BadRequest(f"unknown node {returned[0]!r}")
+                raise BadRequest(f"unknown node {next(key for key in returned if key != POOL_KEY)!r}")
 
     async def _publish_task(self, task: Task):
-        pending = self._publish_event(StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
-                                                 time=task.submitted_at))
-        publish = self.exchanges.tasks.publish(broker.persistent(task.to_bytes()), routing_key=task.routing_key,
-                                               mandatory=True)
-        _, result = await asyncio.gather(pending, publish)
-        return result if hasattr(result, "delivery") else None
+        """Publish one task; returns the returned message if the broker could not route it.
 
-    async def _publish_event(self, event: StateEvent) -> None:
-        await self.exchanges.events.publish(broker.persistent(event.to_bytes()),
-                                            routing_key=self.topo.state_key(event.task_id), mandatory=False)
+        The ledger queue is bound to the tasks exchange too, so this one publish is
+        also the task's ``pending`` event for the host.
+        """
+        result = await self.exchanges.tasks.publish(broker.persistent(task.to_bytes()),
+                                                    routing_key=task.routing_key, mandatory=True)
+        return result if hasattr(result, "delivery") else None
 
     async def waiter(self, task_ids: list[int], follow: bool = False) -> "Waiter":
         waiter = Waiter(self, task_ids, follow)

@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from hakuriver import __version__, broker
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.ledger import MAX_LIST_LIMIT, MAX_READ_BYTES, Ledger, UnknownTask
-from hakuriver.messages import Heartbeat, OutputChunk, RpcReply, RpcRequest, StateEvent
+from hakuriver.messages import Heartbeat, OutputChunk, RpcReply, RpcRequest, StateEvent, Task
 from hakuriver.outbox import Outbox
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
@@ -63,9 +63,19 @@ class Malformed(ValueError):
 
 # -- what arrives on the ledger queue ------------------------------------------------
 
-def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes):
-    """Decode one ledger-queue message into a StateEvent, (OutputChunk, bytes) or Heartbeat."""
+def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False):
+    """Decode one ledger-queue message into a StateEvent, (OutputChunk, bytes) or Heartbeat.
+
+    ``from_tasks``: the message came from the tasks exchange (runners bind the ledger
+    there too), so it is a task as submitted: its ``pending`` event.
+    """
     try:
+        if from_tasks:
+            task = Task.from_bytes(body)
+            event = StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
+                               time=task.submitted_at)
+            _check_state_event(event, task.task_id)
+            return event
         if routing_key.startswith("node.") and routing_key.endswith(".heartbeat"):
             beat = Heartbeat.from_bytes(body)
             if beat.node != routing_key[len("node."):-len(".heartbeat")]:
@@ -296,7 +306,8 @@ class Host:
         parsed: list[tuple[AbstractIncomingMessage, Any]] = []
         for message in batch:
             try:
-                parsed.append((message, parse_event(message.routing_key or "", message.headers, message.body)))
+                parsed.append((message, parse_event(message.routing_key or "", message.headers, message.body,
+                                                    from_tasks=message.exchange == self.topo.tasks)))
             except Malformed as exc:
                 await self._dead_letter(message, str(exc))
         if not parsed:

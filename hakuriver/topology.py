@@ -7,6 +7,9 @@ Exchanges:
                        is not known yet reach every runner)
   <p>.events   topic   task.<id>.state|stdout|stderr, node.<node>.heartbeat; the host's
                        <p>.ledger binds task.# and node.#
+                       (runners also bind <p>.ledger to <p>.tasks with their own keys and
+                       "any": each submitted task reaches the ledger as its ``pending`` event
+                       without a second publish)
   <p>.dead     fanout  dead letters, kept in the queue <p>.dead
 Queues:
   <p>.rpc             the host's RPC requests

@@ -129,9 +129,11 @@ class Runner:
         self._consume_exchanges = exchanges
         queue = await channel.declare_queue(self.topo.node_queue(self.node), durable=True,
                                             arguments=self.topo.dead_letter_args)
-        await queue.bind(exchanges.tasks, self.node)
-        for numa in self.numa:
-            await queue.bind(exchanges.tasks, f"{self.node}:{numa}")
+        ledger = await broker.declare_ledger_queue(channel, self.topo, exchanges)
+        for key in [self.node, *(f"{self.node}:{numa}" for numa in self.numa), POOL_KEY]:
+            if key != POOL_KEY:
+                await queue.bind(exchanges.tasks, key)
+            await ledger.bind(exchanges.tasks, key)  # the ledger learns each task as it is submitted
         control = await channel.declare_queue(self.topo.control_queue(self.node), durable=True,
                                               arguments=self.topo.dead_letter_args)
         await control.bind(exchanges.control, self.node)
