@@ -102,8 +102,8 @@ def api_round_trip_row(cluster: Cluster) -> Row:
     return Row("warm Python API submit → completed, `true` (median / p95)",
                latency(baseline) + " (spawn `true` + AMQP round trip)", latency(measured),
                f"{median(measured) / median(baseline):.2f}×", "≤ 4 ms", median(measured) <= 0.004,
-               note="one connected Client; per task: make_tasks, waiter (bind), submit (task + pending "
-                    "event, confirmed), wait for `completed`")
+               note="one connected Client; per task: make_tasks, waiter (subscribe), submit (confirmed), "
+                    "wait for `completed`; `python -m bench.stages` splits it by stage")
 
 
 def run(root: Path) -> list[Row]:

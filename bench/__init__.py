@@ -1,0 +1,1 @@
+"""HakuRiver benchmarks: run them with bench/run (see bench/README.md)."""
