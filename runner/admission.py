@@ -77,8 +77,6 @@ class Admission:
         started: list[Task] = []
         blocked: list[Task] = []
         for task in waiting:
-            if blocked and any(self._bypassed.get(b.task_id, 0) >= self.max_bypass for b in blocked):
-                break  # an old task has been passed often enough: hold the rest for it
             if self.fits(task):
                 self.take(task)
                 started.append(task)
@@ -86,6 +84,8 @@ class Admission:
                     self._bypassed[b.task_id] = self._bypassed.get(b.task_id, 0) + 1
             else:
                 blocked.append(task)
+                if self._bypassed.get(task.task_id, 0) >= self.max_bypass:
+                    break  # passed often enough: hold everything behind it until it fits
         for task in started:
             self._bypassed.pop(task.task_id, None)
         return started

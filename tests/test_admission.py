@@ -1,0 +1,70 @@
+"""Admission rules: arrival order, bounded passing, NUMA accounting, what never fits."""
+
+from __future__ import annotations
+
+from hakuriver.messages import NumaNode, Task
+from runner.admission import Admission, Capacity
+
+GIB = 2**30
+_next_id = iter(range(1, 10**6))
+
+
+def task(cores=1.0, memory=None, numa=None) -> Task:
+    i = next(_next_id)
+    return Task(task_id=i, batch_id=i, command="true", target="n", cores=cores, memory=memory, numa=numa)
+
+
+def admission(cores=4, memory=8 * GIB, max_bypass=16) -> Admission:
+    numa = {0: NumaNode(cpus=[0, 1], memory=4 * GIB), 1: NumaNode(cpus=[2, 3], memory=4 * GIB)}
+    return Admission(Capacity(cores, memory, numa), max_bypass=max_bypass)
+
+
+def test_tasks_start_in_arrival_order_while_they_fit():
+    a = admission()
+    waiting = [task(2), task(1), task(2), task(1)]
+    assert a.choose(waiting) == [waiting[0], waiting[1], waiting[3]]  # the third (2 cores) does not fit now
+    assert a.cores_free == 0
+
+
+def test_cores_zero_takes_no_core_and_memory_is_accounted():
+    a = admission(cores=1, memory=1 * GIB)
+    zero = [task(0) for _ in range(5)]
+    assert a.choose(zero) == zero and a.cores_free == 1
+    big, small = task(0, memory=GIB), task(0, memory=1)
+    assert a.choose([big, small]) == [big]
+    a.release(big)
+    assert a.choose([small]) == [small]
+
+
+def test_a_big_task_is_passed_only_max_bypass_times():
+    a = admission(cores=2, max_bypass=3)
+    big = task(2)
+    a.take(task(1))  # one core busy: big does not fit
+    passed = 0
+    for _ in range(10):
+        small = task(1)
+        started = a.choose([big, small])
+        if started == [small]:
+            passed += 1
+            a.release(small)
+        else:
+            assert started == []  # held for the big one
+            break
+    assert passed == 3
+
+
+def test_numa_cores_are_accounted_per_node():
+    a = admission()
+    n0 = [task(1, numa=0), task(1, numa=0), task(1, numa=0)]
+    assert a.choose(n0) == n0[:2]
+    assert a.choose([task(1, numa=1)])  # node 1 still has room
+    assert a.numa_cores_free() == {0: 0.0, 1: 1.0}
+
+
+def test_what_never_fits_says_why():
+    a = admission()
+    assert "8 cores requested" in a.never_fits(task(8))
+    assert "NUMA node 5" in a.never_fits(task(1, numa=5))
+    assert "NUMA node 0 offers 2" in a.never_fits(task(3, numa=0))
+    assert "memory requested" in a.never_fits(task(1, memory=9 * GIB))
+    assert a.never_fits(task(4)) is None
