@@ -73,6 +73,9 @@ class Client:
         self.config = config
         self.topo = Topology(config.broker.prefix)
         self._connection = None
+        self._exchanges: broker.Exchanges | None = None
+        self._events_queue = None
+        self._waiters: set[Waiter] = set()
 
     async def __aenter__(self) -> "Client":
         await self.connect()
@@ -84,13 +87,39 @@ class Client:
     async def connect(self) -> None:
         self._connection = await broker.connect(self.config.broker.url, "hakuriver.client")
         self._channel = await self._connection.channel(publisher_confirms=True)
-        self.exchanges = await broker.declare_exchanges(self._channel, self.topo)
         self._rpc = rpc.RpcClient(self._channel, self.topo)
+
+    async def exchanges(self) -> broker.Exchanges:
+        """The exchanges, declared on first use (queries need none)."""
+        if self._exchanges is None:
+            self._exchanges = await broker.declare_exchanges(self._channel, self.topo)
+        return self._exchanges
+
+    async def _events(self):
+        """This client's one exclusive queue on the events exchange; waiters bind their keys to it."""
+        if self._events_queue is None:
+            channel = await self._connection.channel()
+            self._events_exchange = await channel.get_exchange(self.topo.events, ensure=False)
+            self._events_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await self._events_queue.consume(self._on_event, no_ack=True)
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
+        return self._events_queue
+
+    def _on_event(self, message: AbstractIncomingMessage) -> None:
+        for waiter in list(self._waiters):
+            waiter.on_message(message)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        for waiter in list(self._waiters):
+            asyncio.get_running_loop().create_task(waiter.catch_up())
 
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        self._exchanges: broker.Exchanges | None = None
+        self._events_queue = None
+        self._waiters: set[Waiter] = set()
 
     # ---- submitting -------------------------------------------------------------------
 
@@ -151,10 +180,11 @@ class Client:
         ``on_confirmed`` is called in submission order once a task is safely with the broker
         (the CLI prints its id then). A task that comes back unroutable raises BadRequest.
         """
+        exchanges = await self.exchanges()
         returned: list[str] = []
         for start in range(0, len(tasks), PUBLISH_WINDOW):
             window = tasks[start:start + PUBLISH_WINDOW]
-            results = await asyncio.gather(*(self._publish_task(task) for task in window))
+            results = await asyncio.gather(*(self._publish_task(exchanges, task) for task in window))
             for task, result in zip(window, results):
                 if result is not None:
                     returned.append(task.routing_key)
@@ -165,13 +195,13 @@ class Client:
             if returned:
                 raise BadRequest(f"unknown node {next(key for key in returned if key != POOL_KEY)!r}")
 
-    async def _publish_task(self, task: Task):
+    async def _publish_task(self, exchanges: broker.Exchanges, task: Task):
         """Publish one task; returns the returned message if the broker could not route it.
 
         The ledger queue is bound to the tasks exchange too, so this one publish is
         also the task's ``pending`` event for the host.
         """
-        result = await self.exchanges.tasks.publish(broker.persistent(task.to_bytes()),
+        result = await exchanges.tasks.publish(broker.persistent(task.to_bytes()),
                                                     routing_key=task.routing_key, mandatory=True)
         return result if hasattr(result, "delivery") else None
 
@@ -197,9 +227,10 @@ class Client:
             return task
         node = task["node"] if task and task.get("node") else ALL_NODES_KEY
         body = broker.persistent(Kill(task_id=task_id, user=getpass.getuser()).to_bytes())
-        result = await self.exchanges.control.publish(body, routing_key=node, mandatory=True)
+        control = (await self.exchanges()).control
+        result = await control.publish(body, routing_key=node, mandatory=True)
         if hasattr(result, "delivery") and node != ALL_NODES_KEY:
-            await self.exchanges.control.publish(body, routing_key=ALL_NODES_KEY, mandatory=False)
+            await control.publish(body, routing_key=ALL_NODES_KEY, mandatory=False)
         return task
 
     async def query(self, method: str, params: dict[str, Any], timeout: float = 5.0) -> Any:
@@ -238,27 +269,25 @@ class Waiter:
         self.follow = follow
         self.on_state: Callable[[StateEvent], None] | None = None
         self._done = asyncio.Event()
-        self._written = {"stdout": 0, "stderr": 0}
+        self._written: dict[tuple[int, str], int] = {}  # bytes of each task's stream written so far
         if not self.pending:
             self._done.set()
 
     async def subscribe(self) -> None:
-        channel = await self.client._connection.channel()
-        exchange = await channel.get_exchange(self.client.topo.events, ensure=False)
-        self._queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        keys: list[str] = []
+        queue = await self.client._events()
+        exchange = self.client._events_exchange
+        self._keys: list[str] = []
         if len(self.pending) <= PER_TASK_BINDINGS_UP_TO:
             for task_id in self.pending:
-                keys.append(Topology.state_key(task_id))
+                self._keys.append(Topology.state_key(task_id))
                 if self.follow:
-                    keys += [Topology.output_key(task_id, "stdout"), Topology.output_key(task_id, "stderr")]
+                    self._keys += [Topology.output_key(task_id, "stdout"), Topology.output_key(task_id, "stderr")]
         else:
-            keys.append("task.*.state")
-        await asyncio.gather(*(self._queue.bind(exchange, key) for key in keys))
-        await self._queue.consume(self._on_message, no_ack=True)
-        self.client._connection.reconnect_callbacks.add(self._on_reconnect)
+            self._keys.append("task.*.state")
+        self.client._waiters.add(self)
+        await asyncio.gather(*(queue.bind(exchange, key) for key in self._keys))
 
-    def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def on_message(self, message: AbstractIncomingMessage) -> None:
         key = message.routing_key or ""
         if key.endswith(".state"):
             try:
@@ -279,23 +308,21 @@ class Waiter:
             self.results[event.task_id] = event
             if not self.pending:
                 self._done.set()
+                self.client._waiters.discard(self)
 
     def _write_chunk(self, message: AbstractIncomingMessage) -> None:
         try:
             chunk = OutputChunk.from_headers(message.headers or {}, message.body)
         except ValueError:
             return
-        already = self._written[chunk.stream]
+        already = self._written.get((chunk.task_id, chunk.stream), 0)
         end = chunk.offset + len(message.body)
         if end <= already or chunk.offset > already:
             return  # a duplicate, or ahead of a gap (the ledger still has every byte)
         out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
         out.write(message.body[already - chunk.offset:])
         out.flush()
-        self._written[chunk.stream] = end
-
-    def _on_reconnect(self, *_: Any) -> None:
-        asyncio.get_running_loop().create_task(self.catch_up())
+        self._written[(chunk.task_id, chunk.stream)] = end
 
     async def catch_up(self) -> None:
         """Ask the ledger for tasks whose final event may have passed while we were away."""
@@ -312,5 +339,11 @@ class Waiter:
                                         seq=0, exit_code=task.get("exit_code"), message=task.get("message") or ""))
 
     async def wait(self, timeout: float | None = None) -> dict[int, StateEvent]:
-        await asyncio.wait_for(self._done.wait(), timeout)
+        try:
+            await asyncio.wait_for(self._done.wait(), timeout)
+        finally:
+            self.client._waiters.discard(self)
+        if self._keys != ["task.*.state"]:  # per-task bindings are of no use to anyone now
+            queue, exchange = self.client._events_queue, self.client._events_exchange
+            await asyncio.gather(*(queue.unbind(exchange, key) for key in self._keys), return_exceptions=True)
         return self.results

@@ -307,9 +307,9 @@ class Runner:
                 await self._finish(running, TaskState.FAILED, None, str(exc))
                 return
             running.handle = handle
-            self.store.set_handle(task.task_id, handle.to_dict())
             message = f"limits not enforced: {', '.join(handle.unenforced)}" if handle.unenforced else ""
-            self.store.transition(task.task_id, TaskState.RUNNING, message=message, unenforced=handle.unenforced)
+            self.store.transition(task.task_id, TaskState.RUNNING, handle=handle.to_dict(), message=message,
+                                  unenforced=handle.unenforced)
             if running.kill_requested:  # a kill came while it was starting
                 self._spawn(executor.stop(handle, self.config.timing.kill_grace))
             await self._watch(running)
@@ -336,7 +336,9 @@ class Runner:
         """Record the outcome, send all output, then the final event; free the resources."""
         task_id = running.task.task_id
         running.ending = True
-        self.store.set_outcome(task_id, {"state": state, "exit_code": exit_code, "message": message})
+        if running.output.has_news():
+            # output still to send: keep the outcome, so a crash now cannot lose how it ended
+            self.store.set_outcome(task_id, {"state": state, "exit_code": exit_code, "message": message})
         if running.handle is not None:
             try:
                 await running.executor.destroy(running.handle)

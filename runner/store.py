@@ -76,9 +76,12 @@ class RunnerStore:
                 (task.task_id, self._arrival, task.model_dump_json(), TaskState.QUEUED))
             return self._event(task.task_id, state, message=message, task=task)
 
-    def transition(self, task_id: int, state: TaskState, **fields: Any) -> int:
-        """Move a task to ``state`` and queue its event; returns the outbox row id."""
+    def transition(self, task_id: int, state: TaskState, handle: dict[str, Any] | None = None, **fields: Any) -> int:
+        """Move a task to ``state`` and queue its event (with the executor's ``handle`` when it
+        just started), in one transaction; returns the outbox row id."""
         with self.db:
+            if handle is not None:
+                self.db.execute("UPDATE tasks SET handle = ? WHERE task_id = ?", (json.dumps(handle), task_id))
             return self._event(task_id, state, **fields)
 
     def _event(self, task_id: int, state: TaskState, **fields: Any) -> int:
@@ -88,10 +91,6 @@ class RunnerStore:
                         (state, seq, finished, task_id))
         event = StateEvent(task_id=task_id, node=self.node, state=state, seq=seq, **fields)
         return self.outbox.add(self.topo.events, self.topo.state_key(task_id), event.to_bytes())
-
-    def set_handle(self, task_id: int, handle: dict[str, Any]) -> None:
-        with self.db:
-            self.db.execute("UPDATE tasks SET handle = ? WHERE task_id = ?", (json.dumps(handle), task_id))
 
     def set_outcome(self, task_id: int, outcome: dict[str, Any]) -> None:
         """How the task ended, kept until its output is flushed and its final event queued."""
