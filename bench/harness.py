@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BROKER_URL = os.environ.get("HAKURIVER_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+# the tests' cluster harness writes the same kind of config file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from local_cluster import write_config  # noqa: E402
+
 
 # ---- statistics ----------------------------------------------------------------------
 
@@ -99,24 +103,6 @@ def time_command(argv: list[str], env: dict[str, str] | None = None, runs: int =
 
 # ---- a private cluster ---------------------------------------------------------------
 
-def write_config(path: Path, prefix: str, root: Path, **sections: dict) -> Path:
-    config = {
-        "broker": {"url": BROKER_URL, "prefix": prefix},
-        "paths": {"state_dir": str(root / "state"), "shared_dir": str(root / "shared"),
-                  "local_temp_dir": str(root / "tmp")},
-        "timing": {"heartbeat_interval": 1.0, "heartbeat_timeout_factor": 5, "kill_grace": 2.0},
-        "docker": {"default_container": "NULL"},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    lines = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 class Cluster:
     """A host and runners as real processes under one private broker prefix."""
 
@@ -127,7 +113,8 @@ class Cluster:
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("shared", "tmp", "state"):
             (root / sub).mkdir(exist_ok=True)
-        self.config_path = write_config(root / "config.toml", self.prefix, root, **sections)
+        sections.setdefault("timing", {"heartbeat_interval": 1.0, "heartbeat_timeout_factor": 5, "kill_grace": 2.0})
+        self.config_path = write_config(root / "config.toml", self.prefix, root, broker_url=BROKER_URL, **sections)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
         self.env["HAKURIVER_CONFIG"] = str(self.config_path)
         self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '/usr/bin:/bin')}"

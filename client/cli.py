@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import NoReturn
 
 import click
 
@@ -26,7 +27,7 @@ class UsageError(Exception):
     """Bad input found before anything is sent; exit code 2."""
 
 
-def fail(message: str, code: int) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int) -> NoReturn:
     click.echo(f"hakuriver.client: {message}", err=True)
     sys.exit(code)
 

@@ -40,7 +40,7 @@ from runner.executors.select import available_executors, executor_for
 from runner.numa import detect_topology
 from runner.output import OutputStream
 from runner.policy import refusal
-from runner.store import RunnerStore, StoredTask
+from runner.store import RunnerStore
 
 log = logging.getLogger(__name__)
 

@@ -51,10 +51,22 @@ async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL) ->
                 pass
 
 
-def write_config(path: Path, prefix: str, root: Path, **sections: dict) -> Path:
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy (and return that); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(path: Path, prefix: str, root: Path, broker_url: str = BROKER_URL, **sections: dict) -> Path:
     """A config file for a test cluster; ``sections`` add or override keys."""
     config = {
-        "broker": {"url": BROKER_URL, "prefix": prefix},
+        "broker": {"url": broker_url, "prefix": prefix},
         "paths": {"state_dir": str(root / "state"), "shared_dir": str(root / "shared"),
                   "local_temp_dir": str(root / "tmp")},
         "timing": {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0},
@@ -140,14 +152,7 @@ class Cluster:
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
         """Poll ``predicate`` (a query against the host) until it returns something truthy."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.1)
+        return wait_until(predicate, timeout, what)
 
     def node_states(self) -> dict[str, bool]:
         result = self.cli("--list-nodes", "--json")

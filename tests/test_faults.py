@@ -21,7 +21,7 @@ import aio_pika
 import psutil
 import pytest
 
-from local_cluster import BIN, Cluster
+from local_cluster import BIN, Cluster, wait_until
 from private_broker import private_broker  # noqa: F401  (the session fixture)
 
 TIMING = {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0}
@@ -71,17 +71,6 @@ def ledger_view(c: Cluster, task_ids: list[int], outputs: bool = True) -> dict[i
                     task["stdout"] = bytes(data)
             return found
     return asyncio.run(fetch())
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def read_ids(proc: subprocess.Popen, count: int) -> list[int]:
