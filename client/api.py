@@ -53,7 +53,6 @@ class TaskSpec:
     container: str | None = None
     privileged: bool = False
     mounts: list = field(default_factory=list)
-    retries: int = 0
 
 
 def parse_target(text: str) -> tuple[str, int | None]:
@@ -131,7 +130,7 @@ class Client:
         parsed = [parse_target(t) for t in (targets or [POOL_KEY])]
         common = dict(batch_id=batch, command=spec.command, env=spec.env, cores=spec.cores, memory=spec.memory,
                       container=spec.container, privileged=spec.privileged, mounts=spec.mounts,
-                      retries=spec.retries, user=user, submit_host=host, submitted_at=now)
+                      user=user, submit_host=host, submitted_at=now)
         if arg_lists is None:
             return [Task(task_id=ids.new_id(), args=spec.args, target=node, numa=numa, **common)
                     for node, numa in parsed]

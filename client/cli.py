@@ -48,7 +48,6 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER[:ro]", help="Extra mount (repeatable).")
 @click.option("--privileged", is_flag=True, help="Ask for a privileged container.")
-@click.option("--retries", metavar="N", help="Run again up to N times if the task ends lost (default 0).")
 @click.option("--wait", is_flag=True, help="Wait for every task; exit with the outcome.")
 @click.option("--follow", is_flag=True, help="With --wait or --stdout/--stderr: stream output live.")
 @click.option("--sweep", is_flag=True, help="Expand span:{a..b} / span:[x,y] in the command: one task per combination.")
@@ -93,7 +92,7 @@ def _validate(o: dict) -> dict:
                                                          "stderr": "stderr_id", "kill": "kill_id"}[name]]]
     command = list(o["command"])
     submit_only = [flag for flag in ("targets", "container", "cores", "memory", "envs", "mounts", "privileged",
-                                     "sweep", "retries") if o[flag]]
+                                     "sweep") if o[flag]]
     list_filters = [flag for flag in ("state", "node", "batch", "limit") if o[flag]]
     if len(queries) > 1:
         raise UsageError("conflicting options: " + " and ".join("--" + q.replace("_", "-") for q in queries))
@@ -191,14 +190,9 @@ def _validate_submit(command: list[str], o: dict) -> dict:
     if len(set(targets)) != len(targets):
         dup = next(t for t in targets if targets.count(t) > 1)
         raise UsageError(f"--target {dup!r} given twice")
-    retries = 0
-    if o["retries"] is not None:
-        if not o["retries"].isdigit() or int(o["retries"]) > 100:
-            raise UsageError(f"invalid --retries {o['retries']!r} (0 to 100)")
-        retries = int(o["retries"])
     request = {"mode": "submit", "command": command, "targets": targets, "container": o["container"],
                "cores": cores, "memory": memory, "env": env, "mounts": mounts, "privileged": o["privileged"],
-               "retries": retries, "wait": o["wait"], "follow": o["follow"], "timeout": o["timeout"],
+               "wait": o["wait"], "follow": o["follow"], "timeout": o["timeout"],
                "sweep": o["sweep"]}
     if o["sweep"]:
         from hakurun import span

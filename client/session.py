@@ -69,8 +69,7 @@ async def _submit(client: Client, config, request: dict) -> int:
     spec = TaskSpec(command=request["command"][0], args=request["command"][1:], env=request["env"],
                     cores=request["cores"], memory=request["memory"],
                     container=None if container.upper() == "NULL" else container,
-                    privileged=request["privileged"], mounts=[Mount(**m) for m in request["mounts"]],
-                    retries=request["retries"])
+                    privileged=request["privileged"], mounts=[Mount(**m) for m in request["mounts"]])
     arg_lists = None
     if request["sweep"]:
         from hakurun import span

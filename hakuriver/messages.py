@@ -84,7 +84,7 @@ class Task(Message):
     container: str | None = None                    # None = host execution
     privileged: bool = False
     mounts: list[Mount] = []
-    retries: int = Field(default=0, ge=0, le=100)
+    retries: int = Field(default=0, ge=0, le=100)   # reserved: re-runs after ``lost`` (not acted on yet)
     user: str = ""
     submit_host: str = ""
     submitted_at: float = Field(default_factory=time.time)
