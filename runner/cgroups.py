@@ -19,6 +19,10 @@ A process joins by writing ``0`` ("the writer") to each of :meth:`TaskCgroup.pro
 itself, before it execs the user's command (see :mod:`runner.executors.process`), so
 the command never runs outside its limits, not even for a moment.
 
+On v1 a task gets groups only in the hierarchies of the limits it has (each one is
+a mkdir, writes and an rmdir per task); the process executor creates no cgroup at
+all for a task without limits.
+
 Whatever controller cannot be written here is reported by name (``memory``, ``cpu``,
 ``cpuset``) as an unenforced limit; the task still runs.
 """
@@ -39,8 +43,11 @@ from runner.numa import format_cpulist
 DEFAULT_ROOT = "/sys/fs/cgroup"
 DEFAULT_PARENT = "hakuriver"
 CONTROLLERS = ("memory", "cpu", "cpuset")
+CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 CPU_PERIOD_US = 100_000
 MIN_CPU_QUOTA_US = 1_000  # the kernel refuses smaller quotas
+REMOVE_FIRST_WAIT = 0.001  # seconds; doubled per busy round of TaskCgroup.remove
+REMOVE_MAX_WAIT = 0.05
 
 
 def _write(path: Path, value: str) -> None:
@@ -113,27 +120,35 @@ class TaskCgroup(abc.ABC):
     async def remove(self, timeout: float = 5.0) -> bool:
         """Kill what is left and remove the cgroup; True once every directory is gone.
 
-        rmdir fails with EBUSY while a process is still in the group (a dying process
-        leaves it only once the kernel has torn it down), so this kills and retries.
+        Usually the task has been reaped and the first rmdir succeeds, with no kill and
+        no wait. rmdir fails with EBUSY while a process is still in the group (a dying
+        process leaves it only once the kernel has torn it down), so only then this
+        kills and retries, waiting 1 ms at first and longer each round.
         """
         deadline = time.monotonic() + timeout
+        backoff = REMOVE_FIRST_WAIT
         while True:
-            busy = False
-            for path in self.dirs():
-                try:
-                    os.rmdir(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        raise
-                    busy = True
-            if not busy:
+            if self._rmdir_all():
                 return True
             if time.monotonic() >= deadline:
                 return False
             self.kill()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, REMOVE_MAX_WAIT)
+
+    def _rmdir_all(self) -> bool:
+        """rmdir every directory; True when none is left (False: some group is still busy)."""
+        done = True
+        for path in self.dirs():
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                done = False
+        return done
 
 
 class V2TaskCgroup(TaskCgroup):
@@ -293,12 +308,10 @@ class V2Cgroups(Cgroups):
     def create(self, name, *, memory, cores, cpus, mems):
         wanted = _requested(memory, cores, cpus, mems)
         writable = self.probe()
-        if not self.parent_dir.is_dir():
-            return None, wanted
         path = self.parent_dir / name
         try:
             path.mkdir(exist_ok=True)
-        except OSError:
+        except OSError:  # also when the parent is missing: nothing usable here
             return None, wanted
         unenforced = [limit for limit in wanted if limit not in writable]
         settings: dict[str, list[tuple[str, str]]] = {}
@@ -312,7 +325,9 @@ class V2Cgroups(Cgroups):
         if cpus or mems:
             settings["cpuset"] = ([("cpuset.cpus", format_cpulist(cpus))] if cpus else []) + \
                                  ([("cpuset.mems", format_cpulist(mems))] if mems else [])
-        _apply(path, {name: pairs for name, pairs in settings.items() if name in writable}, unenforced)
+        for controller, pairs in settings.items():
+            if controller in writable and not _apply(path, controller, pairs):
+                _mark_unenforced(unenforced, controller, wanted)
         return V2TaskCgroup(path), unenforced
 
 
@@ -323,6 +338,9 @@ class V1Cgroups(Cgroups):
                  proc_cgroup: str = "/proc/self/cgroup") -> None:
         super().__init__(root, parent)
         self._own = _own_v1_paths(proc_cgroup)
+        # the parent cpuset's cpus and mems, read once by probe(): a new v1 cpuset group
+        # starts empty and must be given both before it takes a process
+        self._parent_cpuset: dict[str, str] = {}
 
     def parent_dir(self, controller: str) -> Path:
         own = self._own.get(controller, "/").lstrip("/")
@@ -338,66 +356,88 @@ class V1Cgroups(Cgroups):
             try:
                 parent.mkdir(exist_ok=True)
                 if name == "cpuset":
-                    # a v1 cpuset group starts empty and takes no process until filled
                     _inherit_cpuset(parent)
+                    self._parent_cpuset = {filename: _read(parent / filename).strip()
+                                           for filename in CPUSET_FILES}
             except OSError:
                 continue
             usable.append(name)
         return usable
 
     def create(self, name, *, memory, cores, cpus, mems):
+        """Groups in the hierarchies of the requested limits only (one per hierarchy costs
+        a mkdir, its writes and an rmdir); with no limit at all, one group in the first
+        writable hierarchy, which still tracks every process of the task."""
         wanted = _requested(memory, cores, cpus, mems)
         writable = self.probe()
+        controllers = [controller for controller in wanted if controller in writable]
+        if not wanted:
+            controllers = writable[:1]
+        settings: dict[str, list[tuple[str, str]]] = {}
+        if memory is not None:
+            # memsw (RAM+swap) must not be below the RAM limit, hence RAM first
+            settings["memory"] = [("memory.limit_in_bytes", str(memory)),
+                                  ("memory.memsw.limit_in_bytes?", str(memory))]
+        if cores > 0:
+            settings["cpu"] = [("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                               ("cpu.cfs_quota_us", str(_cpu_quota_us(cores)))]
+        if cpus or mems:
+            # both files, always: what the task does not restrict comes from the parent
+            settings["cpuset"] = [
+                ("cpuset.cpus", format_cpulist(cpus) if cpus else self._parent_cpuset.get("cpuset.cpus", "")),
+                ("cpuset.mems", format_cpulist(mems) if mems else self._parent_cpuset.get("cpuset.mems", ""))]
+        unenforced = [limit for limit in wanted if limit not in controllers]
         paths: dict[str, Path] = {}
-        for controller in writable:
+        for controller in controllers:
             path = self.parent_dir(controller) / name
             try:
                 path.mkdir(exist_ok=True)
-                if controller == "cpuset":
-                    _inherit_cpuset(path)
             except OSError:
+                _mark_unenforced(unenforced, controller, wanted)
+                continue
+            if controller in settings and not _apply(path, controller, settings[controller]):
+                # a group whose limit did not take is of no use; the task must not join it
+                _mark_unenforced(unenforced, controller, wanted)
+                _try_rmdir(path)
                 continue
             paths[controller] = path
-        unenforced = [limit for limit in wanted if limit not in paths]
         if not paths:
             return None, unenforced
-        if memory is not None and "memory" in paths:
-            # memsw (RAM+swap) must not be below the RAM limit, hence RAM first
-            _apply(paths["memory"], {"memory": [("memory.limit_in_bytes", str(memory)),
-                                                ("memory.memsw.limit_in_bytes?", str(memory))]}, unenforced)
-        if cores > 0 and "cpu" in paths:
-            _apply(paths["cpu"], {"cpu": [("cpu.cfs_period_us", str(CPU_PERIOD_US)),
-                                          ("cpu.cfs_quota_us", str(_cpu_quota_us(cores)))]}, unenforced)
-        if (cpus or mems) and "cpuset" in paths:
-            pairs = ([("cpuset.cpus", format_cpulist(cpus))] if cpus else []) + \
-                    ([("cpuset.mems", format_cpulist(mems))] if mems else [])
-            _apply(paths["cpuset"], {"cpuset": pairs}, unenforced)
         return V1TaskCgroup(paths), unenforced
 
 
-def _apply(path: Path, settings: dict[str, list[tuple[str, str]]], unenforced: list[str]) -> None:
-    """Write each controller's files; a controller whose required file fails is unenforced.
+def _mark_unenforced(unenforced: list[str], controller: str, wanted: list[str]) -> None:
+    if controller in wanted and controller not in unenforced:
+        unenforced.append(controller)
+
+
+def _try_rmdir(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _apply(path: Path, controller: str, pairs: list[tuple[str, str]]) -> bool:
+    """Write one controller's files; False when a required one fails (the limit is unenforced).
 
     A file name ending in ``?`` is optional: written where the kernel has it.
     """
-    for controller, pairs in settings.items():
-        for filename, value in pairs:
-            optional = filename.endswith("?")
-            target = path / filename.rstrip("?")
-            if optional and not target.exists():
-                continue
-            try:
-                _write(target, value)
-            except OSError:
-                if optional:
-                    continue
-                if controller not in unenforced:
-                    unenforced.append(controller)
-                break
+    for filename, value in pairs:
+        optional = filename.endswith("?")
+        target = path / filename.rstrip("?")
+        if optional and not target.exists():
+            continue
+        try:
+            _write(target, value)
+        except OSError:
+            if not optional:
+                return False
+    return True
 
 
 def _inherit_cpuset(path: Path) -> None:
-    for filename in ("cpuset.cpus", "cpuset.mems"):
+    for filename in CPUSET_FILES:
         if not _read(path / filename).strip():
             _write(path / filename, _read(path.parent / filename).strip())
 

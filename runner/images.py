@@ -22,6 +22,7 @@ wait for it and then use the loaded image.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -120,12 +121,20 @@ def _created_seconds(created: str) -> float:
 
 
 class ImageSync:
-    """Makes ``hakuriver/NAME:base`` current before a task, one load per name at a time."""
+    """Makes ``hakuriver/NAME:base`` current before a task, one load per name at a time.
+
+    Checking costs Docker API calls, so an environment found current is remembered with
+    the listing of its tarballs at that moment (names, sizes, mtimes: one directory
+    scan); the next task checks again only when that listing has changed, e.g. a newer
+    tarball was published. An image removed behind the runner's back is the caller's to
+    report through :meth:`forget` (its container create fails with 404).
+    """
 
     def __init__(self, docker: "aiodocker.Docker", shared_dir: str | Path) -> None:
         self._docker = docker
         self._shared_dir = shared_dir
         self._locks: dict[str, asyncio.Lock] = {}
+        self._current: dict[str, tuple[tuple, str]] = {}   # name → (tarball listing, image id)
 
     async def ensure(self, name: str) -> str:
         """The image reference to run, loading a newer tarball first if there is one.
@@ -133,17 +142,33 @@ class ImageSync:
         Raises :class:`UnknownEnvironment` or :class:`ImageLoadFailed`.
         """
         ref = image_ref(name)
+        listing = tarball_listing(self._shared_dir, name)
+        current = self._current.get(name)
+        if current is not None and current[0] == listing:
+            return ref
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            # taken before the checks: a tarball published meanwhile changes the listing,
+            # so the next task checks again
+            listing = tarball_listing(self._shared_dir, name)
             info = await self._inspect(ref)
             newest = next(iter(tarballs(self._shared_dir, name)), None)
             if newest is None:
                 if info is None:
                     raise UnknownEnvironment(name)
-                return ref
-            if info is None or newest.timestamp > image_timestamp(info):
-                await load_tarball(self._docker, newest, replaced=info)
+            elif info is None or newest.timestamp > image_timestamp(info):
+                info = await load_tarball(self._docker, newest, replaced=info)
+            self._current[name] = (listing, info.get("Id", ""))
         return ref
+
+    def image_id(self, name: str) -> str | None:
+        """The id of ``hakuriver/NAME:base`` as of the last :meth:`ensure` (None: not known)."""
+        current = self._current.get(name)
+        return current[1] if current and current[1] else None
+
+    def forget(self, name: str) -> None:
+        """Check the environment's image again on the next :meth:`ensure`."""
+        self._current.pop(name, None)
 
     async def _inspect(self, ref: str) -> dict | None:
         import aiodocker
@@ -156,10 +181,29 @@ class ImageSync:
             raise
 
 
-async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball, replaced: dict | None = None) -> None:
+def tarball_listing(shared_dir: str | Path, name: str) -> tuple:
+    """(file name, size, mtime) of each tarball of ``name``: what :class:`ImageSync` compares."""
+    pattern = re.compile(r"^%s-\d+\.tar$" % re.escape(name))
+    try:
+        with os.scandir(tarball_dir(shared_dir)) as entries:
+            found = []
+            for entry in entries:
+                if pattern.match(entry.name):
+                    try:
+                        stat = entry.stat()
+                    except OSError:
+                        continue   # removed while listing
+                    found.append((entry.name, stat.st_size, stat.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(sorted(found))
+
+
+async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball, replaced: dict | None = None) -> dict:
     """Load a tarball into Docker (streamed from disk) and stamp the loaded image.
 
     ``replaced`` is the inspect data of the image the tarball replaces, if any.
+    Returns the loaded image's inspect data.
     """
     import aiodocker
 
@@ -167,7 +211,7 @@ async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball, replaced: d
     try:
         with open(tarball.path, "rb") as data:
             await docker.images.import_image(data=data)
-        await docker.images.inspect(ref)
+        loaded = await docker.images.inspect(ref)
     except (aiodocker.DockerError, OSError) as exc:
         raise ImageLoadFailed(f"cannot load {tarball.path}: {exc}") from None
     stamp = f"tarball-{tarball.timestamp}"
@@ -180,3 +224,4 @@ async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball, replaced: d
                 await docker.images.delete(tag, noprune=True)
             except aiodocker.DockerError:
                 pass
+    return loaded

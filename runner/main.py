@@ -30,6 +30,9 @@ def main(config_file: str | None, node_name: str | None, verbose: bool) -> None:
     except (ConfigError, ValueError) as exc:
         click.echo(f"hakuriver.runner: {exc}", err=True)
         sys.exit(2)
+    from runner.executors.process import use_fast_child_watcher
+
+    use_fast_child_watcher()  # pidfd instead of a thread per child, where the kernel has it
     sys.exit(asyncio.run(_serve(config)))
 
 

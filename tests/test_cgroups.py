@@ -181,3 +181,29 @@ def test_handle_data_round_trips():
     v2 = V2TaskCgroup(Path("/a/hk/x"))
     assert attach(v2.to_data()).path == v2.path
     assert attach({}) is None
+
+
+async def test_a_v1_cpuset_group_takes_what_the_task_leaves_open_from_the_parent(cgroups):
+    if not isinstance(cgroups, V1Cgroups):
+        pytest.skip("v1 only: a new v1 cpuset group starts empty")
+    _need(cgroups, "cpuset")
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    group, unenforced = cgroups.create("cpus-only", memory=None, cores=0, cpus=[cpu], mems=None)
+    try:
+        assert unenforced == [] and list(group.paths) == ["cpuset"]
+        parent_mems = (cgroups.parent_dir("cpuset") / "cpuset.mems").read_text().strip()
+        assert (group.paths["cpuset"] / "cpuset.mems").read_text().strip() == parent_mems
+        assert (group.paths["cpuset"] / "cpuset.cpus").read_text().strip() == str(cpu)
+        child = _join_and_run(group, "true")  # an empty cpuset would refuse the join (exit 125)
+        assert await asyncio.to_thread(child.wait, 30) == 0
+    finally:
+        assert await group.remove()
+
+
+async def test_a_cpuset_that_cannot_be_written_leaves_no_group(cgroups):
+    if not isinstance(cgroups, V1Cgroups):
+        pytest.skip("v1 only")
+    _need(cgroups, "cpuset")
+    group, unenforced = cgroups.create("bad-cpus", memory=None, cores=0, cpus=[4095], mems=None)
+    assert group is None and unenforced == ["cpuset"]
+    assert not (cgroups.parent_dir("cpuset") / "bad-cpus").exists()

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
+import time
 from pathlib import Path
 
+import aiodocker
 import pytest
 
-from docker_fixtures import (docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
+from docker_fixtures import (BASE_IMAGE, docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
                              unique, wait_for)
 from hakuriver.messages import Mount
 from runner.executors.base import Handle, StartFailed, TaskRejected
 from runner.executors.docker import TASK_LABEL, DockerExecutor
+from runner.images import image_timestamp, tarball_path
 
 
 @pytest.fixture
@@ -271,3 +275,45 @@ async def test_recover_finds_the_container_by_label(docker_config, tmp_path):
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_path_set_by_the_task_is_not_answered_from_the_command_cache(executor, docker_config, tmp_path):
+    task = make_task(docker_config, "echo", "hi")
+    _, outcome = await run_to_end(executor, task, make_spec(docker_config, task, tmp_path))
+    assert outcome.exit_code == 0
+    task = make_task(docker_config, "echo", "hi", env={"PATH": "/no-such-dir"})
+    with pytest.raises(StartFailed, match="command not found: echo"):
+        await executor.start(task, make_spec(docker_config, task, tmp_path))
+
+
+async def test_a_newer_tarball_or_a_removed_image_is_noticed_after_the_image_was_found_current(
+        executor, docker_config, docker_client, tmp_path, unique):
+    repo = f"hakuriver/{unique}"
+    await docker_client.images.tag(BASE_IMAGE, repo, tag="base")
+    tags = [f"{repo}:base"]
+    try:
+        async def run_one():
+            task = make_task(docker_config, "echo", "hi", container=unique)
+            _, outcome = await run_to_end(executor, task, make_spec(docker_config, task, tmp_path))
+            assert outcome.exit_code == 0
+
+        await run_one()   # the image is found current; there is no tarball
+        timestamp = int(max(time.time(), image_timestamp(await docker_client.images.inspect(f"{repo}:base")))) + 1
+        tarball = tarball_path(docker_config.paths.shared_dir, unique, timestamp)
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+        saved = await asyncio.to_thread(subprocess.run, ["docker", "save", "-o", str(tarball), f"{repo}:base"],
+                                        capture_output=True, timeout=120)
+        assert saved.returncode == 0, saved.stderr
+        tags.append(f"{repo}:tarball-{timestamp}")
+        await run_one()   # the new tarball is loaded, which stamps the image
+        assert tags[1] in (await docker_client.images.inspect(f"{repo}:base"))["RepoTags"]
+        for tag in tags:
+            await docker_client.images.delete(tag, noprune=True)
+        await run_one()   # create fails with 404; the image is loaded from its tarball again
+        assert tags[1] in (await docker_client.images.inspect(f"{repo}:base"))["RepoTags"]
+    finally:
+        for tag in tags:
+            try:
+                await docker_client.images.delete(tag, noprune=True)
+            except aiodocker.DockerError:
+                pass

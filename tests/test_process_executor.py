@@ -1,7 +1,9 @@
 """The process executor with real processes and real cgroups (run as root), and its fallbacks."""
 
 import asyncio
+import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -13,6 +15,7 @@ import pytest
 from hakuriver.messages import Task
 from runner.cgroups import attach
 from runner.executors.base import Handle, RunSpec, StartFailed
+from runner.executors import process
 from runner.executors.process import ProcessExecutor
 from runner.numa import detect_topology, format_cpulist
 
@@ -309,3 +312,89 @@ async def test_on_a_v2_hierarchy_the_cgroup_tracks_and_kills_the_whole_task(tmp_
         await executor.destroy(handle)
         executor.cgroups.remove_parent()
     assert not any(path.exists() for path in executor.cgroups.parent_dirs())
+
+
+async def test_a_task_without_limits_runs_directly_and_kill_reaches_its_process_group(executor, tmp_path):
+    marker = _marker()
+    handle = await executor.start(_task("sh", "-c", f"sleep {marker} & sleep {marker}; wait"), _spec(tmp_path))
+    try:
+        assert handle.data["cgroup"] is None and handle.unenforced == []
+        await _until(lambda: len(_processes_with(marker)) == 2)
+        # no joining shell in front: the task's pid is the command itself
+        assert psutil.Process(handle.data["pid"]).cmdline()[:2] == ["sh", "-c"]
+    finally:
+        await executor.destroy(handle)
+    await _until(lambda: not _processes_with(marker))
+
+
+@pytest.mark.parametrize("limits, controllers", [
+    ({"cores": 1}, ["cpu"]),
+    ({"memory": 64 * MiB}, ["memory"]),
+    ({"cpus": "first", "mems": [0]}, ["cpuset"]),
+])
+async def test_a_task_gets_groups_only_for_the_limits_it_has(executor, tmp_path, limits, controllers):
+    if executor.cgroups.version != 1:
+        pytest.skip("one group per controller exists only on cgroup v1")
+    _need(executor, *controllers)
+    spec_fields = {}
+    if "cpus" in limits:
+        spec_fields = {"cpus": sorted(os.sched_getaffinity(0))[:1], "mems": limits.pop("mems")}
+        limits.pop("cpus")
+    handle, outcome = await _run(executor, _task("true", **limits), _spec(tmp_path, **spec_fields))
+    assert outcome.exit_code == 0 and handle.unenforced == []
+    assert sorted(handle.data["cgroup"]["paths"]) == controllers
+
+
+def test_a_found_command_is_looked_up_again_once_it_is_gone(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    command = f"hk-probe-{uuid.uuid4().hex[:8]}"
+    assert process._find_on_path(command, str(bin_dir)) is None
+    tool = bin_dir / command
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert process._find_on_path(command, str(bin_dir)) == str(tool)  # a miss was not remembered
+    assert process._find_on_path(command, str(bin_dir)) == str(tool)  # from the cache
+    tool.unlink()
+    assert process._find_on_path(command, str(bin_dir)) is None
+    with pytest.raises(StartFailed, match="command not found"):
+        process._check_command(command, RunSpec(env={"PATH": str(bin_dir)}, stdout_path=tmp_path / "o",
+                                                 stderr_path=tmp_path / "e"))
+
+
+def test_create_time_is_psutils_value_and_none_for_no_process():
+    for pid in (1, os.getpid()):
+        assert process._create_time(pid) == psutil.Process(pid).create_time()
+    assert process._create_time(2**22 + 1) is None  # above the kernel's largest pid
+
+
+def _pidfd_works():
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def test_the_fast_child_watcher_reaps_children():
+    # in a fresh interpreter: the watcher is process-wide
+    script = ("import asyncio, json, sys; from runner.executors.process import use_fast_child_watcher\n"
+              "installed = use_fast_child_watcher()\n"
+              "async def main():\n"
+              "    procs = [await asyncio.create_subprocess_exec('sh', '-c', f'exit {n}') for n in range(5)]\n"
+              "    codes = [await proc.wait() for proc in procs]\n"
+              "    watcher = (type(asyncio.get_event_loop_policy().get_child_watcher()).__name__\n"
+              "               if sys.version_info < (3, 12) else None)\n"
+              "    print(json.dumps([installed, codes, watcher]))\n"
+              "asyncio.run(main())\n")
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
+                            capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    installed, codes, watcher = json.loads(result.stdout)
+    assert codes == [0, 1, 2, 3, 4]
+    if sys.version_info >= (3, 12):
+        assert installed is False  # asyncio uses pidfds by itself there
+    elif _pidfd_works():
+        assert installed is True and watcher == "PidfdChildWatcher"
+    else:
+        assert installed is False and watcher != "PidfdChildWatcher"

@@ -23,6 +23,8 @@ makes a second, non-following pass (the same skip rule makes it copy only what i
 A missing command: the container's PID 1 is tini (``Init``) so that SIGTERM reaches
 the task; tini would report a missing command only as exit code 127, so the command
 is looked up in the created container before it starts and a miss is a StartFailed.
+Found commands are remembered per image id, so a steady stream of tasks costs no
+lookups (see :meth:`DockerExecutor._command_exists`).
 
 ``--rm`` semantics: the container is not auto-removed (its exit code, OOM flag and log
 must outlive it until :meth:`wait` has read them); :meth:`destroy` removes it, and the
@@ -57,6 +59,7 @@ TASK_LABEL = "hakuriver.task_id"
 NODE_LABEL = "hakuriver.node"
 _FRAME_HEADER = struct.Struct(">BxxxL")   # stream (1 stdout, 2 stderr), payload length
 _DEFAULT_SOCKETS = ("/run/docker.sock", "/var/run/docker.sock")
+FOUND_COMMANDS_MAX = 1024
 
 
 def container_name(task_id: int) -> str:
@@ -71,6 +74,7 @@ class DockerExecutor(Executor):
         self._docker: aiodocker.Docker | None = None
         self._images: ImageSync | None = None
         self._followers: dict[int, asyncio.Task[None]] = {}
+        self._found_commands: dict[tuple[str, str], bool] = {}   # (image id, command), see _command_exists
 
     # -- availability ---------------------------------------------------------------
 
@@ -111,11 +115,21 @@ class DockerExecutor(Executor):
         try:
             container = await self.docker.containers.create(body, name=name)
         except aiodocker.DockerError as exc:
-            if exc.status != 409:
+            if exc.status == 404:
+                # The image went away since it was last found current (removed by hand):
+                # check it again, which loads its tarball if there is one.
+                assert self._images is not None
+                self._images.forget(self._environment(task))
+                body = self._container_config(task, spec, await self._image_for(task))
+            elif exc.status == 409:
+                # A container of this task from a start whose handle was never stored.
+                await self._remove(name)
+            else:
                 raise StartFailed(f"cannot create container: {exc.message}") from None
-            # A container of this task from a start whose handle was never stored.
-            await self._remove(name)
-            container = await self.docker.containers.create(body, name=name)
+            try:
+                container = await self.docker.containers.create(body, name=name)
+            except aiodocker.DockerError as exc:
+                raise StartFailed(f"cannot create container: {exc.message}") from None
         stdout_path, stderr_path = Path(spec.stdout_path), Path(spec.stderr_path)
         for path in (stdout_path, stderr_path):
             path.touch()   # the output files exist from the start, as with a process
@@ -127,9 +141,10 @@ class DockerExecutor(Executor):
             "stderr_path": str(stderr_path),
             "stdout_base": _size(stdout_path),
             "stderr_base": _size(stderr_path),
+            "memory": task.memory,
         })
         try:
-            if not await _command_exists(self.docker, container.id, task.command):
+            if not await self._command_exists(task, container.id):
                 raise StartFailed(f"command not found: {task.command}")
             await container.start()
         except aiodocker.DockerError as exc:
@@ -146,7 +161,7 @@ class DockerExecutor(Executor):
 
         container = self.docker.containers.container(handle.data["container_id"])
         try:
-            await container.wait(timeout=None)
+            ended = await container.wait(timeout=None)
         except aiodocker.DockerError as exc:
             if exc.status != 404:
                 raise
@@ -163,6 +178,10 @@ class DockerExecutor(Executor):
         # an exited container are still on their way to the log; once the container is
         # exited its log is complete, and a second pass copies whatever the follower missed.
         await self._copy_log(handle, follow=False)
+        if "memory" in handle.data and not handle.data["memory"]:
+            # Without a memory limit there is no OOM flag to read (SPEC: killed_oom is the
+            # limit being hit); the wait reply has the rest, one API call less per task.
+            return Outcome(exit_code=ended.get("StatusCode"), message=(ended.get("Error") or {}).get("Message") or "")
         state = (await container.show())["State"]
         oom = bool(state.get("OOMKilled"))
         message = "memory limit reached" if oom else state.get("Error", "")
@@ -228,8 +247,11 @@ class DockerExecutor(Executor):
 
     # -- pieces -------------------------------------------------------------------------
 
+    def _environment(self, task: Task) -> str:
+        return task.container or self._config.docker.default_container
+
     async def _image_for(self, task: Task) -> str:
-        name = task.container or self._config.docker.default_container
+        name = self._environment(task)
         try:
             check_environment_name(name)
         except ValueError as exc:
@@ -243,6 +265,28 @@ class DockerExecutor(Executor):
             raise TaskRejected(str(exc)) from None
         except ImageLoadFailed as exc:
             raise StartFailed(str(exc)) from None
+
+    async def _command_exists(self, task: Task, container_id: str) -> bool:
+        """:func:`_command_exists`, remembering commands found in an image.
+
+        The lookup costs a container inspect and a request per PATH entry. A command
+        looked up on the image's PATH alone (no ``/`` in it, no PATH and no mounts from
+        the task) depends on the image only, and an image id names fixed content, so a
+        found command stays found. Misses are not remembered.
+        """
+        assert self._images is not None
+        image_id = self._images.image_id(self._environment(task))
+        key = None
+        if image_id and "/" not in task.command and "PATH" not in task.env and not task.mounts:
+            key = (image_id, task.command)
+            if key in self._found_commands:
+                return True
+        found = await _command_exists(self.docker, container_id, task.command)
+        if found and key is not None:
+            if len(self._found_commands) >= FOUND_COMMANDS_MAX:
+                self._found_commands.pop(next(iter(self._found_commands)))   # the oldest
+            self._found_commands[key] = True
+        return found
 
     def _check_policy(self, task: Task) -> None:
         reason = refusal(task, self._config.node)

@@ -10,6 +10,9 @@
   possible (reported as ``numa-memory`` where the machine has more than one memory node).
 * Any limit that cannot be enforced is listed in :attr:`Handle.unenforced`; the task runs anyway.
 
+A task without limits gets neither a cgroup nor the shell below: it is spawned
+directly, and its process group is what stop and destroy signal.
+
 Joining the cgroup before the user's command runs: the child is ``/bin/sh -c`` with a
 tiny script that writes ``0`` ("myself") into each ``cgroup.procs`` and then ``exec``\\ s
 the command under the same pid, so not one instruction of the task runs outside its
@@ -37,10 +40,12 @@ the same process) and returns None; the runner then reports it ``lost``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -153,8 +158,12 @@ class ProcessExecutor(Executor):
     async def _launch_plan(self, task: Task, spec: RunSpec
                            ) -> tuple[list[str], Callable[[], None] | None, dict[str, Any], list[str]]:
         """argv, preexec function, handle data and unenforced limits for this task."""
-        cgroup, unenforced = self.cgroups.create(
-            str(task.task_id), memory=task.memory, cores=task.cores, cpus=spec.cpus, mems=spec.mems)
+        cgroup, unenforced = None, []
+        if task.memory is not None or task.cores > 0 or spec.cpus or spec.mems:
+            # a task without limits needs no cgroup (nor the joining shell): its process
+            # group is what stop and destroy signal
+            cgroup, unenforced = self.cgroups.create(
+                str(task.task_id), memory=task.memory, cores=task.cores, cpus=spec.cpus, mems=spec.mems)
         data: dict[str, Any] = {"cgroup": cgroup.to_data() if cgroup else None, "memory": task.memory}
         preexec = None
         if "cpuset" in unenforced:
@@ -218,8 +227,32 @@ def _check_command(command: str, spec: RunSpec) -> None:
         if os.path.isdir(path) or not os.access(path, os.X_OK):
             raise StartFailed(f"permission denied: {command}")
         return
-    if shutil.which(command, path=spec.env.get("PATH", os.defpath)) is None:
+    if _find_on_path(command, spec.env.get("PATH", os.defpath)) is None:
         raise StartFailed(f"command not found: {command}")
+
+
+_found_commands: dict[tuple[str, str], str] = {}
+FOUND_COMMANDS_MAX = 256
+
+
+def _find_on_path(command: str, search_path: str) -> str | None:
+    """``shutil.which``, remembering where commands were found.
+
+    ``which`` tries every PATH entry (a stat or two each) for every task; a remembered
+    file costs one ``access`` call to confirm it is still there and executable. Misses
+    are not remembered: a command installed later is found on its next task.
+    """
+    key = (command, search_path)
+    found = _found_commands.get(key)
+    if found is not None and os.access(found, os.X_OK) and not os.path.isdir(found):
+        return found
+    found = shutil.which(command, path=search_path)
+    _found_commands.pop(key, None)
+    if found is not None:
+        if len(_found_commands) >= FOUND_COMMANDS_MAX:
+            del _found_commands[next(iter(_found_commands))]  # the oldest entry
+        _found_commands[key] = found
+    return found
 
 
 def _start_error(command: str, exc: BaseException, cwd: str | None) -> str:
@@ -234,6 +267,35 @@ def _start_error(command: str, exc: BaseException, cwd: str | None) -> str:
     return f"cannot start {command}: {exc}"  # e.g. preexec_fn failed: CPUs not allowed here
 
 
+def use_fast_child_watcher() -> bool:
+    """Have asyncio learn of child exits through pidfds; True if installed.
+
+    On Python 3.11 asyncio's default ThreadedChildWatcher starts a thread per child
+    to block in waitpid(); the PidfdChildWatcher polls a pidfd in the event loop
+    instead (measured here: 585-635 against 413-565 spawns per second). Python 3.12+
+    chooses pidfds by itself (and deprecates child watchers), so this does nothing
+    there; nor where the kernel has no pidfd_open (before Linux 5.3).
+
+    Process-wide: call once in the main thread of a process whose subprocesses are
+    all started from the main thread's event loop (the runner), before or inside
+    ``asyncio.run``.
+    """
+    if sys.version_info >= (3, 12):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    try:
+        # asyncio.run attaches a watcher set before it; one set inside it attaches here
+        watcher.attach_loop(asyncio.get_running_loop())
+    except RuntimeError:
+        pass
+    return True
+
+
 def affinity_setter(cpus: list[int]) -> Callable[[], None]:
     allowed = frozenset(cpus)
 
@@ -244,10 +306,34 @@ def affinity_setter(cpus: list[int]) -> Callable[[], None]:
 
 
 def _create_time(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch (None if there is no such process).
+
+    Together with the pid this names one process across pid reuse. The same value as
+    ``psutil.Process(pid).create_time()`` (older handles hold that), computed the same
+    way from ``starttime``, field 22 of ``/proc/<pid>/stat``, in clock ticks since boot,
+    without psutil's per-call overhead.
+    """
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
         return None
+    # field 2, the command name, is in parentheses and may itself hold spaces or ')'
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return float(fields[STARTTIME_FIELD - 3]) / _clock_ticks() + _boot_time()
+
+
+STARTTIME_FIELD = 22
+
+
+@functools.cache
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def _boot_time() -> float:
+    return psutil.boot_time()
 
 
 def _group_exists(pgid: int) -> bool:
