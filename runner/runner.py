@@ -129,11 +129,12 @@ class Runner:
         self._consume_exchanges = exchanges
         queue = await channel.declare_queue(self.topo.node_queue(self.node), durable=True,
                                             arguments=self.topo.dead_letter_args)
+        node_keys = [self.node, *(f"{self.node}:{numa}" for numa in self.numa)]
+        for key in node_keys:
+            await queue.bind(exchanges.tasks, key)
         ledger = await broker.declare_ledger_queue(channel, self.topo, exchanges)
-        for key in [self.node, *(f"{self.node}:{numa}" for numa in self.numa), POOL_KEY]:
-            if key != POOL_KEY:
-                await queue.bind(exchanges.tasks, key)
-            await ledger.bind(exchanges.tasks, key)  # the ledger learns each task as it is submitted
+        for key in [*node_keys, POOL_KEY]:  # the ledger learns each task as it is submitted
+            await ledger.bind(exchanges.tasks, key)
         control = await channel.declare_queue(self.topo.control_queue(self.node), durable=True,
                                               arguments=self.topo.dead_letter_args)
         await control.bind(exchanges.control, self.node)
