@@ -343,9 +343,14 @@ async def _publish_garbage_and_collect(url: str, prefix: str, node: str, expect:
 
 def test_garbage_is_dead_lettered_and_the_runner_serves_on(make_cluster, private_broker):  # noqa: F811
     c = make_cluster(["node1"])
-    letters = asyncio.run(_publish_garbage_and_collect(private_broker.url, c.prefix, "node1", expect=12))
+    # 12 from the runner (node queue, pool, control), and 8 from the host: the ledger is bound to
+    # the tasks exchange too (it learns every submitted task there), so it sees the task garbage
+    every = asyncio.run(_publish_garbage_and_collect(private_broker.url, c.prefix, "node1", expect=20))
+    by_host = [m for m in every if m.headers.get("x-hakuriver-source") == "host"]
+    assert sorted(m.body for m in by_host) == sorted(list(garbage("node1").values()) * 2)
+    letters = [m for m in every if m.headers.get("x-hakuriver-source") == "runner node1"]
     reasons = [(m.headers.get("x-hakuriver-routing-key"), str(m.headers.get("x-hakuriver-reason"))) for m in letters]
-    assert len(letters) == 12, reasons
+    assert len(letters) == 12 and len(every) == 20, reasons
     assert {key for key, _ in reasons} == {"node1", "any"}
     assert all(reason and reason != "None" for _, reason in reasons)
     assert sum("byte bound" in reason for _, reason in reasons) == 3  # the oversized ones, said so
