@@ -26,7 +26,7 @@ BROKER_URL = os.environ.get("HAKURIVER_BENCH_BROKER_URL", "amqp://guest:guest@12
 
 # the tests' cluster harness writes the same kind of config file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from local_cluster import write_config  # noqa: E402
+from local_cluster import delete_prefix, write_config  # noqa: E402
 
 
 # ---- statistics ----------------------------------------------------------------------
@@ -161,7 +161,7 @@ class Cluster:
         for name in list(self.processes):
             self.stop_process(name)
         try:
-            asyncio.run(delete_prefix(self.prefix, self.nodes))
+            asyncio.run(delete_prefix(self.prefix, self.nodes, url=BROKER_URL))
         except Exception as exc:  # never let clean-up hide a section's figures
             say(f"could not delete broker prefix {self.prefix}: {exc}")
         try:
@@ -195,29 +195,3 @@ class Cluster:
                                if (self.root / f"{n}.log").exists())
                 raise RuntimeError(f"nodes {nodes} not online after {timeout} s; logs: {logs}")
             time.sleep(0.1)
-
-
-async def delete_prefix(prefix: str, nodes: list[str], extra_queues: tuple[str, ...] = ()) -> None:
-    """Delete every exchange and queue a cluster under ``prefix`` declares."""
-    import aio_pika
-
-    from hakuriver.topology import Topology
-
-    topo = Topology(prefix)
-    queues = [topo.ledger, topo.rpc, topo.pool, topo.dead, *extra_queues]
-    for node in nodes:
-        queues += [topo.node_queue(node), topo.control_queue(node), topo.nodeinfo_queue(node)]
-    connection = await aio_pika.connect(BROKER_URL)
-    async with connection:
-        for name in queues:
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(name)
-            except Exception:
-                pass
-        for name in (topo.tasks, topo.control, topo.events, topo.dead):
-            channel = await connection.channel()
-            try:
-                await channel.exchange_delete(name)
-            except Exception:
-                pass
