@@ -73,6 +73,14 @@ def ledger_view(c: Cluster, task_ids: list[int], outputs: bool = True) -> dict[i
     return asyncio.run(fetch())
 
 
+def wait_all_completed(c: Cluster, ids: list[int], what: str) -> dict:
+    """The ledger's view of ``ids`` (with outputs) once every one of them is completed."""
+    def all_stored():
+        view = ledger_view(c, ids)
+        return view if all(view.get(i, {}).get("state") == "completed" for i in ids) else None
+    return wait_until(all_stored, 30, what, interval=0.5)
+
+
 def read_ids(proc: subprocess.Popen, count: int) -> list[int]:
     """Read ``count`` task ids from a submitting client's stdout as it prints them."""
     ids = []
@@ -160,10 +168,7 @@ def test_broker_restart_while_200_tasks_run(make_cluster, private_broker, tmp_pa
     assert len(lines) == 200 and len(set(lines)) == 200, f"{len(lines)} runs of {len(set(lines))} distinct tasks"
     assert set(map(int, lines)) == set(ids)
 
-    def all_stored():
-        view = ledger_view(c, ids)
-        return view if all(view.get(i, {}).get("state") == "completed" for i in ids) else None
-    view = wait_until(all_stored, 30, "200 completed tasks in the ledger", interval=0.5)
+    view = wait_all_completed(c, ids, "200 completed tasks in the ledger")
     for n, task_id in enumerate(ids, start=1):
         assert view[task_id]["stdout"] == f"task {n} {task_id}\n".encode()
 
@@ -229,10 +234,7 @@ def test_host_killed_during_a_burst_loses_nothing(make_cluster):
 
     c.start_host()
 
-    def all_stored():
-        view = ledger_view(c, ids)
-        return view if all(view.get(i, {}).get("state") == "completed" for i in ids) else None
-    view = wait_until(all_stored, 30, "100 completed tasks in the restarted host's ledger", interval=0.5)
+    view = wait_all_completed(c, ids, "100 completed tasks in the restarted host's ledger")
     for n, task_id in enumerate(ids, start=1):
         assert view[task_id]["stdout"] == f"out {n}\n".encode()
 
