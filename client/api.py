@@ -75,6 +75,7 @@ class Client:
         self._exchanges: broker.Exchanges | None = None
         self._events_queue = None
         self._waiters: set[Waiter] = set()
+        self._background: set[asyncio.Task] = set()
 
     async def __aenter__(self) -> "Client":
         await self.connect()
@@ -110,15 +111,21 @@ class Client:
 
     def _on_reconnect(self, *_: Any) -> None:
         for waiter in list(self._waiters):
-            asyncio.get_running_loop().create_task(waiter.catch_up())
+            self._in_background(waiter.catch_up())
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         if self._connection is not None:
             await self._connection.close()
-            self._connection = None
-        self._exchanges: broker.Exchanges | None = None
-        self._events_queue = None
-        self._waiters: set[Waiter] = set()
+        self._connection, self._exchanges, self._events_queue = None, None, None
+        self._waiters.clear()
+
+    def _in_background(self, coro) -> None:
+        """Run ``coro`` without waiting for it (house-keeping nobody needs to wait on)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- submitting -------------------------------------------------------------------
 
@@ -344,5 +351,6 @@ class Waiter:
             self.client._waiters.discard(self)
         if self._keys != ["task.*.state"]:  # per-task bindings are of no use to anyone now
             queue, exchange = self.client._events_queue, self.client._events_exchange
-            await asyncio.gather(*(queue.unbind(exchange, key) for key in self._keys), return_exceptions=True)
+            self.client._in_background(
+                asyncio.gather(*(queue.unbind(exchange, key) for key in self._keys), return_exceptions=True))
         return self.results

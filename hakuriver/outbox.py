@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
@@ -61,29 +62,50 @@ class Outbox:
         self._confirm_waiters.append((row_id, future))
         await future
 
-    async def drain_forever(self, publish: Publish, retry_delay: float = 0.5) -> None:
-        """Publish rows in order as they come; on a failure, wait and try the same rows again."""
+    async def drain_forever(self, publish: Publish, retry_delay: float = 0.5, window: int = 8) -> None:
+        """Publish rows in order as they come, forever.
+
+        A batch goes out without waiting for the confirms of the one before (at most
+        ``window`` batches in flight), so one slow confirm does not hold back the events
+        behind it. Batches are deleted in order as they are confirmed. When one fails, what
+        is in flight settles, and sending starts again from the first unconfirmed row.
+        """
+        in_flight: deque[tuple[int, asyncio.Future]] = deque()
+        sent_upto = self._confirmed_upto
         while True:
-            rows = self.db.execute(
-                "SELECT id, exchange, routing_key, body, headers FROM outbox ORDER BY id LIMIT ?",
-                (self.batch_size,)).fetchall()
-            if not rows:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            while in_flight and in_flight[0][1].done():
+                last, batch = in_flight.popleft()
+                if batch.cancelled() or batch.exception() is not None:
+                    error = "cancelled" if batch.cancelled() else batch.exception()
+                    log.warning("outbox: publish failed (%s); sending again from row %d",
+                                error, self._confirmed_upto + 1)
+                    await asyncio.gather(*(f for _, f in in_flight), return_exceptions=True)
+                    in_flight.clear()
+                    sent_upto = self._confirmed_upto
+                    await asyncio.sleep(retry_delay)
+                    break
+                with self.db:
+                    self.db.execute("DELETE FROM outbox WHERE id <= ?", (last,))
+                self._release_waiters(last)
+            self._wakeup.clear()
+            rows = []
+            if len(in_flight) < window:
+                rows = self.db.execute(
+                    "SELECT id, exchange, routing_key, body, headers FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                    (sent_upto, self.batch_size)).fetchall()
+            if rows:
+                batch = asyncio.gather(*(publish(exchange, key, body, json.loads(headers) if headers else None)
+                                         for _, exchange, key, body, headers in rows))
+                sent_upto = rows[-1][0]
+                in_flight.append((sent_upto, batch))
                 continue
+            wakers = [asyncio.ensure_future(self._wakeup.wait())]
+            if in_flight:
+                wakers.append(in_flight[0][1])
             try:
-                await asyncio.gather(*(publish(exchange, key, body, json.loads(headers) if headers else None)
-                                       for _, exchange, key, body, headers in rows))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # broker gone, channel closed: keep the rows, try again
-                log.warning("outbox: publish failed (%s); %d message(s) kept for retry", exc, len(rows))
-                await asyncio.sleep(retry_delay)
-                continue
-            last = rows[-1][0]
-            with self.db:
-                self.db.execute("DELETE FROM outbox WHERE id <= ?", (last,))
-            self._release_waiters(last)
+                await asyncio.wait(wakers, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wakers[0].cancel()
 
     def _release_waiters(self, upto: int) -> None:
         self._confirmed_upto = max(self._confirmed_upto, upto)
