@@ -194,8 +194,8 @@ class Runner:
             return reason
         try:
             executor_for(task, self.executors)
-        except (KeyError, TaskRejected) as exc:
-            return str(exc.args[0] if exc.args else exc)
+        except TaskRejected as exc:
+            return str(exc)
         return None
 
     async def _on_pool_message(self, message: AbstractIncomingMessage) -> None:

@@ -36,7 +36,7 @@ def _docker_executor(config: Config) -> Executor | None:
         from runner.executors.docker import DockerExecutor
 
         executor = DockerExecutor(config)
-        reachable = executor.is_reachable() if hasattr(executor, "is_reachable") else executor.available()
+        reachable = executor.is_reachable()
     except Exception as exc:  # a broken Docker set-up must not take host tasks down with it
         log.warning("docker executor unavailable: %s", exc)
         return None
