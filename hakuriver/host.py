@@ -204,10 +204,7 @@ class Host:
 
         ledger_channel = await self._connection.channel()
         await ledger_channel.set_qos(prefetch_count=LEDGER_PREFETCH)
-        ledger_queue = await ledger_channel.declare_queue(self.topo.ledger, durable=True,
-                                                          arguments=self.topo.dead_letter_args)
-        for key in ("task.#", "node.#"):
-            await ledger_queue.bind(self.topo.events, key)
+        ledger_queue = await broker.declare_ledger_queue(ledger_channel, self.topo, self._exchanges)
 
         self._rpc_channel = await self._connection.channel()
         await self._rpc_channel.set_qos(prefetch_count=RPC_PREFETCH)
