@@ -69,10 +69,7 @@ async def _single_pairs(cluster: Cluster, runs: int) -> tuple[list[float], list[
                 await _raw_container(docker, f"single-{attempt}")
                 raw_elapsed = time.perf_counter() - start
                 start = time.perf_counter()
-                tasks = client.make_tasks(spec, ["node1"])
-                waiter = await client.waiter([t.task_id for t in tasks])
-                await client.submit(tasks)
-                results = await waiter.wait(60)
+                results = await client.run(spec, ["node1"], timeout=60)
                 elapsed = time.perf_counter() - start
                 _check(results)
                 if attempt:  # the first round warms both paths

@@ -84,10 +84,7 @@ async def _api_round_trips(cluster: Cluster) -> list[float]:
         spec = TaskSpec(command="true", args=[])
         for attempt in range(API_RUNS + 5):
             start = time.perf_counter()
-            tasks = client.make_tasks(spec, ["node1"])
-            waiter = await client.waiter([t.task_id for t in tasks])
-            await client.submit(tasks)
-            results = await waiter.wait(30)
+            results = await client.run(spec, ["node1"], timeout=30)
             elapsed = time.perf_counter() - start
             if any(r.state.value != "completed" for r in results.values()):
                 raise RuntimeError(f"a task did not complete: {list(results.values())}")

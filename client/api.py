@@ -105,7 +105,7 @@ class Client:
             self._connection.reconnect_callbacks.add(self._on_reconnect)
         return self._events_queue
 
-    def _on_event(self, message: AbstractIncomingMessage) -> None:
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
         for waiter in list(self._waiters):
             waiter.on_message(message)
 
@@ -210,6 +210,16 @@ class Client:
         result = await exchanges.tasks.publish(broker.persistent(task.to_bytes()),
                                                     routing_key=task.routing_key, mandatory=True)
         return result if hasattr(result, "delivery") else None
+
+    async def run(self, spec: TaskSpec, targets: list[str], timeout: float | None = None) -> dict[int, StateEvent]:
+        """Submit one task per target and wait until every one has ended: the whole round trip.
+
+        No target pre-check: an unknown node still fails, as the broker returns the task.
+        """
+        tasks = self.make_tasks(spec, targets)
+        waiter = await self.waiter([t.task_id for t in tasks])
+        await self.submit(tasks)
+        return await waiter.wait(timeout)
 
     async def waiter(self, task_ids: list[int], follow: bool = False) -> "Waiter":
         waiter = Waiter(self, task_ids, follow)

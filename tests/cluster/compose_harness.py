@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from local_cluster import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("rabbitmq", "host", "runner1", "runner2")
 T = TypeVar("T")
@@ -53,15 +55,10 @@ def build_images() -> tuple[dict[str, str], float]:
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_until(check, timeout, what, interval)
+    except AssertionError as exc:
+        raise ClusterError(str(exc)) from None
 
 
 class ComposeCluster:
