@@ -31,7 +31,7 @@ from hakuriver.rpc import HostUnavailable
 from hakuriver.config import Config
 from hakuriver.messages import Kill, NodeInfo, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
-from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
+from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology, parse_target
 
 PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.state and filters
 PUBLISH_WINDOW = 512            # publishes awaiting their confirm at once
@@ -53,18 +53,6 @@ class TaskSpec:
     container: str | None = None
     privileged: bool = False
     mounts: list = field(default_factory=list)
-
-
-def parse_target(text: str) -> tuple[str, int | None]:
-    """``node`` or ``node:N`` → (node, N)."""
-    node, sep, numa = text.partition(":")
-    if not node:
-        raise ValueError(f"invalid target {text!r}")
-    if not sep:
-        return node, None
-    if not numa.isdigit():
-        raise ValueError(f"invalid NUMA id in target {text!r} (use NODE:N with N ≥ 0)")
-    return node, int(numa)
 
 
 class Client:
@@ -208,7 +196,7 @@ class Client:
         also the task's ``pending`` event for the host.
         """
         result = await exchanges.tasks.publish(broker.persistent(task.to_bytes()),
-                                                    routing_key=task.routing_key, mandatory=True)
+                                               routing_key=task.routing_key, mandatory=True)
         return result if hasattr(result, "delivery") else None
 
     async def run(self, spec: TaskSpec, targets: list[str], timeout: float | None = None) -> dict[int, StateEvent]:

@@ -146,7 +146,9 @@ def _validate_query(query: str, o: dict) -> dict:
 
 
 def _validate_submit(command: list[str], o: dict) -> dict:
+    from hakuriver.messages import Mount
     from hakuriver.sizes import parse_size
+    from hakuriver.topology import parse_target
 
     cores = 0.0
     if o["cores"] is not None:
@@ -170,23 +172,16 @@ def _validate_submit(command: list[str], o: dict) -> dict:
         env[key] = value
     mounts = []
     for item in o["mounts"]:
-        parts = item.split(":")
-        read_only = len(parts) == 3 and parts[2] == "ro"
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            parts = parts[:2]
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise UsageError(f"invalid --mount {item!r} (use HOST:CONTAINER[:ro])")
-        for path in parts:
-            if not path.startswith("/"):
-                raise UsageError(f"invalid --mount {item!r}: {path!r} is not an absolute path")
-        mounts.append({"host_path": parts[0], "container_path": parts[1], "read_only": read_only})
+        try:
+            mounts.append(Mount.parse(item))
+        except ValueError as exc:
+            raise UsageError(f"--mount: {exc}") from None
     targets = list(o["targets"])
     for target in targets:
-        node, sep, numa = target.partition(":")
-        if not node or (sep and not numa.isdigit()) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", node):
-            raise UsageError(f"invalid --target {target!r} (use NODE or NODE:NUMA with NUMA a number ≥ 0)")
-        if node == "any" and sep:
-            raise UsageError(f"invalid --target {target!r}: the pool takes no NUMA id")
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            raise UsageError(f"--target: {exc}") from None
     if len(set(targets)) != len(targets):
         dup = next(t for t in targets if targets.count(t) > 1)
         raise UsageError(f"--target {dup!r} given twice")

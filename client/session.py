@@ -18,7 +18,7 @@ from client.cli import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from client import render
 from hakuriver.broker import BrokerUnreachable
 from hakuriver.config import ConfigError, load_config
-from hakuriver.messages import Mount, StateEvent
+from hakuriver.messages import StateEvent
 from hakuriver.states import TaskState
 
 PROGRESS_LINE_ABOVE = 10  # more tasks than this: a live progress line instead of a line per task
@@ -69,7 +69,7 @@ async def _submit(client: Client, config, request: dict) -> int:
     spec = TaskSpec(command=request["command"][0], args=request["command"][1:], env=request["env"],
                     cores=request["cores"], memory=request["memory"],
                     container=None if container.upper() == "NULL" else container,
-                    privileged=request["privileged"], mounts=[Mount(**m) for m in request["mounts"]])
+                    privileged=request["privileged"], mounts=request["mounts"])
     arg_lists = None
     if request["sweep"]:
         from hakurun import span

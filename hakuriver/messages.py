@@ -22,7 +22,6 @@ MAX_CHUNK_BYTES = 64 * 1024        # one output chunk
 MAX_ARG_BYTES = 128 * 1024         # command + args together
 MAX_ENV_BYTES = 128 * 1024         # user environment together
 
-NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")]
 EnvKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
@@ -63,6 +62,9 @@ class Mount(BaseModel):
             read_only = parts.pop() == "ro"
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise ValueError(f"invalid mount {text!r} (use HOST:CONTAINER[:ro])")
+        for path in parts:  # said here in one line, before the field validators' longer report
+            if not path.startswith("/"):
+                raise ValueError(f"invalid mount {text!r}: {path!r} is not an absolute path")
         return cls(host_path=parts[0], container_path=parts[1], read_only=read_only)
 
     def __str__(self) -> str:

@@ -18,10 +18,22 @@ Queues:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 POOL_KEY = "any"
 ALL_NODES_KEY = "all"
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+
+def parse_target(text: str) -> tuple[str, int | None]:
+    """A task target, ``NODE`` or ``NODE:NUMA``, as (node, NUMA id or None); ValueError naming it."""
+    node, sep, numa = text.partition(":")
+    if not NODE_NAME.match(node) or (sep and not numa.isdigit()):
+        raise ValueError(f"invalid target {text!r} (use NODE or NODE:NUMA with NUMA a number ≥ 0)")
+    if node == POOL_KEY and sep:
+        raise ValueError(f"invalid target {text!r}: the pool takes no NUMA id")
+    return node, int(numa) if sep else None
 
 
 @dataclass(frozen=True)
