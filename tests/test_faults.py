@@ -21,7 +21,7 @@ import aio_pika
 import psutil
 import pytest
 
-from local_cluster import BIN, Cluster, wait_until
+from local_cluster import BIN, Cluster, delete_prefix, wait_until
 from private_broker import private_broker  # noqa: F401  (the session fixture)
 
 TIMING = {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0}
@@ -45,13 +45,7 @@ def make_cluster(tmp_path, private_broker):  # noqa: F811
     yield make
     for c in started:
         c.stop()
-        asyncio.run(_delete_prefix_on(private_broker.url, c.prefix, c.nodes))
-
-
-async def _delete_prefix_on(url: str, prefix: str, nodes: list[str]) -> None:
-    from local_cluster import delete_prefix
-
-    await delete_prefix(prefix, nodes, url=url)
+        asyncio.run(delete_prefix(c.prefix, c.nodes, url=private_broker.url))
 
 
 def ledger_view(c: Cluster, task_ids: list[int], outputs: bool = True) -> dict[int, dict]:
