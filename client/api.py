@@ -110,8 +110,9 @@ class Client:
         self._waiters.clear()
 
     def _in_background(self, coro) -> None:
-        """Run ``coro`` without waiting for it (house-keeping nobody needs to wait on)."""
-        task = asyncio.ensure_future(coro)
+        """Run ``coro`` without waiting for it (house-keeping nobody needs to wait on; ``close``
+        cancels what is left)."""
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -348,7 +349,9 @@ class Waiter:
         finally:
             self.client._waiters.discard(self)
         if self._keys != ["task.*.state"]:  # per-task bindings are of no use to anyone now
-            queue, exchange = self.client._events_queue, self.client._events_exchange
-            self.client._in_background(
-                asyncio.gather(*(queue.unbind(exchange, key) for key in self._keys), return_exceptions=True))
+            self.client._in_background(self._unbind())
         return self.results
+
+    async def _unbind(self) -> None:
+        queue, exchange = self.client._events_queue, self.client._events_exchange
+        await asyncio.gather(*(queue.unbind(exchange, key) for key in self._keys), return_exceptions=True)

@@ -100,10 +100,11 @@ def test_host_execution_and_resources(seed_cluster):
 
 def test_environment_variables_arrive(seed_cluster):
     c = seed_cluster
-    code, out, _ = submit_wait(c, "--target", "node1", "--env", "MODEL_TYPE=large", "--env", "DEBUG=1", "--",
+    code, out, err = submit_wait(c, "--target", "node1", "--env", "MODEL_TYPE=large", "--env", "DEBUG=1", "--",
                                "sh", "-c", "echo $MODEL_TYPE $DEBUG $HAKURIVER_NODE $HAKURIVER_TASK_ID")
     task_id = out.strip()
     assert code == 0
+    assert err == f"task {task_id} completed (exit 0) on node1\n"  # and nothing else for a person
     assert c.cli("--stdout", task_id).stdout.decode() == f"large 1 node1 {task_id}\n"
 
 
