@@ -24,9 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BROKER_URL = os.environ.get("HAKURIVER_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
-# the tests' cluster harness writes the same kind of config file
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from local_cluster import delete_prefix, write_config  # noqa: E402
+from harness.local_cluster import delete_prefix, write_config  # noqa: E402
 
 
 # ---- statistics ----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Why it exists: the ledger is the one place every event of every task goes through, and the
 one a person queries most. The 100,000 tasks are written straight through
-:meth:`hakuriver.ledger.Ledger.ingest` (fast, and the same code the host runs); then the real
+:meth:`hakuriver.host.ledger.Ledger.ingest` (fast, and the same code the host runs); then the real
 host serves the real CLI. Ingestion is measured through the real host: state events of a
 realistic life cycle (pending with the task, queued, running, completed) are put in the
 durable ledger queue while the host is down, then the host is started and its own
@@ -33,7 +33,7 @@ def _template_task(cluster: Cluster):
 
 async def _fill(cluster: Cluster, count: int) -> float:
     from hakuriver import ids
-    from hakuriver.ledger import Ledger
+    from hakuriver.host.ledger import Ledger
     from hakuriver.messages import StateEvent
     from hakuriver.states import TaskState
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from hakuriver.states import TaskState
 
@@ -200,3 +200,12 @@ class RpcReply(Message):
     ok: bool
     result: Any = None
     error: str = ""
+
+
+def one_line(exc: Exception) -> str:
+    """An exception as one line for people: a pydantic error names the field and what is wrong."""
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        return f"{where}: {error['msg']}"
+    return " ".join(str(exc).split())

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from local_cluster import Cluster, delete_prefix, unique_prefix  # noqa: E402
+from harness.local_cluster import Cluster, delete_prefix, unique_prefix  # noqa: E402
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from local_cluster import BIN, BROKER_URL, Cluster
+from harness.local_cluster import BIN, BROKER_URL, Cluster
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from local_cluster import BIN
+from harness.local_cluster import BIN
 from hakuriver.config import ConfigError, default_config_text, load_config
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from local_cluster import Cluster
+from harness.local_cluster import Cluster
 from docker_fixtures import docker_engine  # noqa: F401  (fixture)
 
 

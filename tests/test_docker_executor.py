@@ -18,7 +18,7 @@ from docker_fixtures import (BASE_IMAGE, docker_client, docker_config, docker_en
 from hakuriver.messages import Mount
 from runner.executors.base import Handle, StartFailed, TaskRejected
 from runner.executors.docker import TASK_LABEL, DockerExecutor
-from runner.images import image_timestamp, tarball_path
+from hakuriver.images import image_timestamp, tarball_path
 
 
 @pytest.fixture

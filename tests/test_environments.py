@@ -12,9 +12,10 @@ import pytest
 
 from docker_fixtures import (BASE_IMAGE, docker_client, docker_config, docker_engine, make_spec,  # noqa: F401
                              make_task, unique)
-from hakuriver.environments import env_container
+from hakuriver.admin.environments import env_container
 from runner.executors.docker import DockerExecutor
-from runner.images import ImageSync, image_ref, tarball_path, tarballs
+from hakuriver.images import image_ref, tarball_path, tarballs
+from runner.images import ImageSync
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ async def environment(unique, docker_client, docker_config, config_file):
 
 async def hakuriver_docker(config_file: Path, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hakuriver.environments", "--config", str(config_file), *args,
+        sys.executable, "-m", "hakuriver.admin.environments", "--config", str(config_file), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 120)
     return process.returncode, out.decode(), err.decode()

@@ -21,7 +21,7 @@ import aio_pika
 import psutil
 import pytest
 
-from local_cluster import BIN, Cluster, delete_prefix, wait_until
+from harness.local_cluster import BIN, Cluster, delete_prefix, wait_until
 from private_broker import private_broker  # noqa: F401  (the session fixture)
 
 TIMING = {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0}

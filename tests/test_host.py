@@ -18,7 +18,7 @@ import pytest
 
 from hakuriver import broker, rpc
 from hakuriver.config import BrokerConfig, Config, PathsConfig, TimingConfig
-from hakuriver.host import Host
+from hakuriver.host.service import Host
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hakuriver.config import load_config
-from hakuriver.init import render_unit
+from hakuriver.admin.init import render_unit
 
 REPO = Path(__file__).resolve().parents[1]
 

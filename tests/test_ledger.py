@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 import pytest
 
-from hakuriver.ledger import Ledger, UnknownTask, metadata, tasks_table
+from hakuriver.host.ledger import Ledger, UnknownTask, metadata, tasks_table
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from local_cluster import Cluster
+from harness.local_cluster import Cluster
 
 
 def test_sweep_of_1000_completes(cluster):

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from local_cluster import wait_until
+from harness.local_cluster import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("rabbitmq", "host", "runner1", "runner2")

@@ -2,7 +2,7 @@
 
 :class:`Cluster` starts ``hakuriver.host`` and ``hakuriver.runner`` processes against the real
 RabbitMQ under a prefix of their own, runs the real CLI against them, and deletes everything it
-declared on the broker when stopped. Test modules import it as ``from local_cluster import ...``.
+declared on the broker when stopped. Tests and bench import it as ``from harness.local_cluster import ...``.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def _name_argument(function):
 
 
 def _checked_name(ctx, param, value: str) -> str:
-    from runner.images import check_environment_name
+    from hakuriver.images import check_environment_name
 
     try:
         return check_environment_name(value)
@@ -183,7 +183,7 @@ async def _stop(docker: "aiodocker.Docker", name: str) -> None:
 
 
 async def _create_tar(docker: "aiodocker.Docker", config: "Config", name: str) -> None:
-    from runner.images import TIMESTAMP_LABEL, image_ref, tarball_dir, tarball_path, tarballs
+    from hakuriver.images import TIMESTAMP_LABEL, image_ref, tarball_dir, tarball_path, tarballs
 
     info = await _require_container(docker, name)
     timestamp = int(time.time())
@@ -210,7 +210,7 @@ async def _create_tar(docker: "aiodocker.Docker", config: "Config", name: str) -
 
 
 async def _list(docker: "aiodocker.Docker", config: "Config") -> None:
-    from runner.images import tarballs
+    from hakuriver.images import tarballs
 
     containers = {}
     for container in await docker.containers.list(all=True, filters={"label": [ENV_LABEL]}):
@@ -237,7 +237,7 @@ async def _list(docker: "aiodocker.Docker", config: "Config") -> None:
 async def _delete(docker: "aiodocker.Docker", config: "Config", name: str) -> None:
     import aiodocker
 
-    from runner.images import image_ref, tarballs
+    from hakuriver.images import image_ref, tarballs
 
     removed = []
     info = await _container_info(docker, name)

@@ -10,36 +10,37 @@ process that remembers. It
   ``lost``, publishing that ``lost`` event (through an on-disk outbox, so it survives a
   broker outage) so waiting clients learn it. Silence only counts while the host itself
   is connected: after the host (re)connects, every runner gets a full window to be heard;
-- answers :class:`~hakuriver.messages.RpcRequest` on ``<prefix>.rpc`` (see :mod:`hakuriver.rpc`).
+- answers :class:`~hakuriver.messages.RpcRequest` on ``<prefix>.rpc`` with
+  :class:`~hakuriver.host.queries.Queries` (the caller's side is :mod:`hakuriver.rpc`).
 
 Malformed messages go to the dead-letter queue with a reason; the consumers live on.
 ``Host`` runs in-process (tests, embedding); :func:`main` is ``hakuriver.host``.
+Decoding is :mod:`hakuriver.host.ingest`, storage :mod:`hakuriver.host.ledger`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import signal
 import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import aio_pika
 import click
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from hakuriver import __version__, broker
+from hakuriver import broker
 from hakuriver.config import Config, ConfigError, load_config
-from hakuriver.ledger import MAX_LIST_LIMIT, MAX_READ_BYTES, Ledger, UnknownTask
-from hakuriver.messages import Heartbeat, OutputChunk, RpcReply, RpcRequest, StateEvent, Task
+from hakuriver.host.ingest import Malformed, parse_event
+from hakuriver.host.ledger import Ledger
+from hakuriver.host.queries import LedgerChanges, Queries
+from hakuriver.messages import Heartbeat, RpcReply, RpcRequest, StateEvent, one_line
 from hakuriver.outbox import Outbox
-from hakuriver.states import TaskState
 from hakuriver.topology import Topology
 
 log = logging.getLogger("hakuriver.host")
@@ -49,71 +50,10 @@ BATCH_WINDOW = 0.02       # seconds a batch may keep collecting
 BATCH_GAP = 0.002         # a batch closes when nothing arrives for this long
 LEDGER_PREFETCH = 1000
 RPC_PREFETCH = 64
-MAX_OUTPUT_WAIT = 300.0   # longest "follow" wait one request may ask for
-INT64 = 1 << 63
 SOURCE = "host"
 # How long runners may take to be back after the broker is: the robust connection's
 # reconnect interval plus a little.
 RUNNER_RECONNECT_S = broker.RECONNECT_INTERVAL_S + 1.0
-
-
-class Malformed(ValueError):
-    """A message the host cannot use; it goes to the dead-letter queue with this reason."""
-
-
-# -- what arrives on the ledger queue ------------------------------------------------
-
-def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False):
-    """Decode one ledger-queue message into a StateEvent, (OutputChunk, bytes) or Heartbeat.
-
-    ``from_tasks``: the message came from the tasks exchange (runners bind the ledger
-    there too), so it is a task as submitted: its ``pending`` event.
-    """
-    try:
-        if from_tasks:
-            task = Task.from_bytes(body)
-            event = StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
-                               time=task.submitted_at)
-            _check_state_event(event, task.task_id)
-            return event
-        if routing_key.startswith("node.") and routing_key.endswith(".heartbeat"):
-            beat = Heartbeat.from_bytes(body)
-            if beat.node != routing_key[len("node."):-len(".heartbeat")]:
-                raise Malformed(f"heartbeat of node {beat.node!r} on routing key {routing_key!r}")
-            return beat
-        parts = routing_key.split(".")
-        if len(parts) != 3 or parts[0] != "task" or not parts[1].isdigit():
-            raise Malformed(f"unknown routing key {routing_key!r}")
-        key_task_id, kind = int(parts[1]), parts[2]
-        if kind == "state":
-            event = StateEvent.from_bytes(body)
-            _check_state_event(event, key_task_id)
-            return event
-        if kind in ("stdout", "stderr"):
-            chunk = OutputChunk.from_headers(headers or {}, body)
-            if chunk.task_id != key_task_id or chunk.stream != kind:
-                raise Malformed(f"output chunk of task {chunk.task_id} {chunk.stream} on routing key {routing_key!r}")
-            if chunk.offset + len(body) >= 1 << 62:
-                raise Malformed(f"output offset {chunk.offset} is out of range")
-            return chunk, body
-        raise Malformed(f"unknown routing key {routing_key!r}")
-    except Malformed:
-        raise
-    except ValueError as exc:  # pydantic's ValidationError is one
-        raise Malformed(_one_line(exc)) from None
-
-
-def _check_state_event(event: StateEvent, key_task_id: int) -> None:
-    if event.task_id != key_task_id:
-        raise Malformed(f"state event of task {event.task_id} on the routing key of task {key_task_id}")
-    if event.task is not None and event.task.task_id != event.task_id:
-        raise Malformed(f"state event of task {event.task_id} carries task {event.task.task_id}")
-    # Python ints are unbounded; the database's are 64-bit.
-    numbers = [event.task_id, event.seq, event.exit_code or 0]
-    if event.task is not None:
-        numbers += [event.task.batch_id, event.task.memory or 0, event.task.numa or 0]
-    if any(not -INT64 <= number < INT64 for number in numbers):
-        raise Malformed("a number in the state event is out of the 64-bit range")
 
 
 def _transient(exc: Exception) -> bool:
@@ -122,47 +62,6 @@ def _transient(exc: Exception) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError, OSError)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
-def _one_line(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "message"
-        return f"{where}: {error['msg']}"
-    return " ".join(str(exc).split())
-
-
-# -- RPC parameters ------------------------------------------------------------------
-
-TaskId = Annotated[int, Field(ge=0, lt=INT64)]  # ids are 64-bit in the database
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StatusParams(_Params):
-    task_ids: list[TaskId] = Field(max_length=MAX_LIST_LIMIT)
-
-
-class ListTasksParams(_Params):
-    state: TaskState | None = None
-    node: str | None = None
-    batch: TaskId | None = None
-    limit: int = Field(default=50, ge=1, le=MAX_LIST_LIMIT)
-    before: TaskId | None = None
-
-
-class HealthParams(_Params):
-    node: str | None = None
-
-
-class OutputParams(_Params):
-    task_id: TaskId
-    stream: Literal["stdout", "stderr"] = "stdout"
-    offset: int = Field(default=0, ge=0, lt=INT64)
-    length: int = Field(default=MAX_READ_BYTES, ge=0, le=MAX_READ_BYTES)
-    wait: float = Field(default=0.0, ge=0, le=MAX_OUTPUT_WAIT)
 
 
 class Host:
@@ -174,8 +73,8 @@ class Host:
         self.ledger = Ledger(config.database_url, Path(config.paths.state_dir) / "logs")
         self.events_applied = 0       # state transitions the ledger took
         self.messages_ingested = 0    # every valid ledger-queue message stored
-        self._changed = asyncio.Condition()  # ingestion → "output" waiters
-        self._generation = 0
+        self.changes = LedgerChanges()       # ingestion → "output" waiters
+        self.queries = Queries(self.ledger, self.changes, self._counters)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._connection = None
         self._rpc_channel: AbstractChannel | None = None
@@ -321,7 +220,7 @@ class Host:
 
     async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
         # The database or disk is unavailable: hand everything back and slow down.
-        log.error("ledger unavailable, requeueing %d messages: %s", count, _one_line(exc))
+        log.error("ledger unavailable, requeueing %d messages: %s", count, one_line(exc))
         await self._settle(last, requeue=True)
         await asyncio.sleep(1.0)
 
@@ -332,7 +231,7 @@ class Host:
             try:
                 await self._store([item])
             except SQLAlchemyError as exc:
-                await self._dead_letter(message, f"the ledger refused it: {_one_line(exc)}")
+                await self._dead_letter(message, f"the ledger refused it: {one_line(exc)}")
             else:
                 await self._settle(message, multiple=False)
 
@@ -366,9 +265,10 @@ class Host:
             log.exception("could not dead-letter a message (%s)", reason)
 
     async def _notify_changed(self) -> None:
-        self._generation += 1
-        async with self._changed:
-            self._changed.notify_all()
+        await self.changes.notify()
+
+    def _counters(self) -> dict[str, int]:
+        return {"events_applied": self.events_applied, "messages_ingested": self.messages_ingested}
 
     # -- offline detection -----------------------------------------------------------
 
@@ -418,9 +318,9 @@ class Host:
         try:
             request = RpcRequest.from_bytes(message.body)
         except ValueError as exc:
-            reply = RpcReply(ok=False, error=f"bad request: {_one_line(exc)}")
+            reply = RpcReply(ok=False, error=f"bad request: {one_line(exc)}")
         else:
-            reply = await self.handle(request.method, request.params)
+            reply = await self.queries.handle(request.method, request.params)
         try:
             await self._rpc_channel.default_exchange.publish(
                 aio_pika.Message(reply.to_bytes(), content_type="application/json",
@@ -428,62 +328,6 @@ class Host:
                 routing_key=message.reply_to, mandatory=False)
         except Exception:
             log.exception("could not send the reply to %s", message.reply_to)
-
-    async def handle(self, method: str, params: dict[str, Any]) -> RpcReply:
-        """Answer one query; every failure becomes ``ok=false`` with a message."""
-        handler = getattr(self, f"_rpc_{method}", None)
-        if handler is None:
-            return RpcReply(ok=False, error=f"unknown method {method!r}")
-        try:
-            return RpcReply(ok=True, result=await handler(params))
-        except ValidationError as exc:
-            return RpcReply(ok=False, error=f"bad params for {method}: {_one_line(exc)}")
-        except (UnknownTask, ValueError) as exc:
-            return RpcReply(ok=False, error=str(exc))
-        except Exception as exc:
-            log.exception("RPC %s failed", method)
-            return RpcReply(ok=False, error=f"internal error in {method}: {_one_line(exc)}")
-
-    async def _rpc_status(self, params: dict) -> dict:
-        query = StatusParams.model_validate(params)
-        return {"tasks": await self.ledger.get_tasks(query.task_ids)}
-
-    async def _rpc_list_tasks(self, params: dict) -> dict:
-        query = ListTasksParams.model_validate(params)
-        return {"tasks": await self.ledger.list_tasks(state=query.state, node=query.node, batch=query.batch,
-                                                      limit=query.limit, before=query.before)}
-
-    async def _rpc_list_nodes(self, params: dict) -> dict:
-        _Params.model_validate(params)
-        return {"nodes": await self.ledger.list_nodes()}
-
-    async def _rpc_health(self, params: dict) -> dict:
-        query = HealthParams.model_validate(params)
-        nodes = await self.ledger.list_nodes(query.node)
-        if query.node is not None and not nodes:
-            raise ValueError(f"unknown node {query.node!r}")
-        return {"nodes": nodes,
-                "host": {"version": __version__, "database": self.ledger.dialect,
-                         "events_applied": self.events_applied, "messages_ingested": self.messages_ingested}}
-
-    async def _rpc_output(self, params: dict) -> dict:
-        query = OutputParams.model_validate(params)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + query.wait
-        while True:
-            generation = self._generation
-            piece = await self.ledger.read_output(query.task_id, query.stream, query.offset, query.length)
-            remaining = deadline - loop.time()
-            if piece.data or piece.terminal or remaining <= 0:
-                break
-            async with self._changed:
-                if generation == self._generation:  # nothing arrived since the read
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        pass
-        return {"data": base64.b64encode(piece.data).decode("ascii"), "offset": piece.offset, "size": piece.size,
-                "state": piece.state, "terminal": piece.terminal}
 
 
 # -- the service -----------------------------------------------------------------------
@@ -527,7 +371,7 @@ def main(config_file: str | None, verbose: bool) -> None:
     try:
         asyncio.run(serve(config))
     except (SQLAlchemyError, OSError) as exc:
-        click.echo(f"hakuriver.host: cannot open the ledger: {_one_line(exc)}", err=True)
+        click.echo(f"hakuriver.host: cannot open the ledger: {one_line(exc)}", err=True)
         sys.exit(1)
 
 

@@ -1,0 +1,139 @@
+"""The host's answers to RPC queries (status, list, health, output): one method per query.
+
+Why it exists: the service (:mod:`hakuriver.host.service`) owns connections and loops; what
+a query may ask and how it is answered from the ledger is here, callable without a broker.
+Parameters are pydantic models (the edge); every failure becomes ``ok=false`` with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hakuriver import __version__
+from hakuriver.host.ingest import INT64
+from hakuriver.host.ledger import MAX_LIST_LIMIT, MAX_READ_BYTES, Ledger, UnknownTask
+from hakuriver.messages import RpcReply, one_line
+from hakuriver.states import TaskState
+
+log = logging.getLogger("hakuriver.host")
+
+MAX_OUTPUT_WAIT = 300.0   # longest "follow" wait one request may ask for
+
+
+TaskId = Annotated[int, Field(ge=0, lt=INT64)]  # ids are 64-bit in the database
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StatusParams(_Params):
+    task_ids: list[TaskId] = Field(max_length=MAX_LIST_LIMIT)
+
+
+class ListTasksParams(_Params):
+    state: TaskState | None = None
+    node: str | None = None
+    batch: TaskId | None = None
+    limit: int = Field(default=50, ge=1, le=MAX_LIST_LIMIT)
+    before: TaskId | None = None
+
+
+class HealthParams(_Params):
+    node: str | None = None
+
+
+class OutputParams(_Params):
+    task_id: TaskId
+    stream: Literal["stdout", "stderr"] = "stdout"
+    offset: int = Field(default=0, ge=0, lt=INT64)
+    length: int = Field(default=MAX_READ_BYTES, ge=0, le=MAX_READ_BYTES)
+    wait: float = Field(default=0.0, ge=0, le=MAX_OUTPUT_WAIT)
+
+
+class LedgerChanges:
+    """A generation counter with a condition: "output" queries that follow a task sleep
+    here until ingestion stores something, instead of polling the ledger."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._changed = asyncio.Condition()
+
+    async def notify(self) -> None:
+        self.generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_past(self, generation: int, timeout: float) -> None:
+        """Return once something changed after ``generation`` was read, or after ``timeout``."""
+        async with self._changed:
+            if generation == self.generation:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+
+
+class Queries:
+    """Answers RPC methods from the ledger; ``counters()`` gives the service's ingestion figures."""
+
+    def __init__(self, ledger: Ledger, changes: LedgerChanges, counters: Callable[[], dict[str, int]]):
+        self.ledger = ledger
+        self.changes = changes
+        self.counters = counters
+
+    async def handle(self, method: str, params: dict[str, Any]) -> RpcReply:
+        """Answer one query; every failure becomes ``ok=false`` with a message."""
+        handler = getattr(self, f"_rpc_{method}", None)
+        if handler is None:
+            return RpcReply(ok=False, error=f"unknown method {method!r}")
+        try:
+            return RpcReply(ok=True, result=await handler(params))
+        except ValidationError as exc:
+            return RpcReply(ok=False, error=f"bad params for {method}: {one_line(exc)}")
+        except (UnknownTask, ValueError) as exc:
+            return RpcReply(ok=False, error=str(exc))
+        except Exception as exc:
+            log.exception("RPC %s failed", method)
+            return RpcReply(ok=False, error=f"internal error in {method}: {one_line(exc)}")
+
+    async def _rpc_status(self, params: dict) -> dict:
+        query = StatusParams.model_validate(params)
+        return {"tasks": await self.ledger.get_tasks(query.task_ids)}
+
+    async def _rpc_list_tasks(self, params: dict) -> dict:
+        query = ListTasksParams.model_validate(params)
+        return {"tasks": await self.ledger.list_tasks(state=query.state, node=query.node, batch=query.batch,
+                                                      limit=query.limit, before=query.before)}
+
+    async def _rpc_list_nodes(self, params: dict) -> dict:
+        _Params.model_validate(params)
+        return {"nodes": await self.ledger.list_nodes()}
+
+    async def _rpc_health(self, params: dict) -> dict:
+        query = HealthParams.model_validate(params)
+        nodes = await self.ledger.list_nodes(query.node)
+        if query.node is not None and not nodes:
+            raise ValueError(f"unknown node {query.node!r}")
+        return {"nodes": nodes,
+                "host": {"version": __version__, "database": self.ledger.dialect,
+                         **self.counters()}}
+
+    async def _rpc_output(self, params: dict) -> dict:
+        query = OutputParams.model_validate(params)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + query.wait
+        while True:
+            generation = self.changes.generation
+            piece = await self.ledger.read_output(query.task_id, query.stream, query.offset, query.length)
+            remaining = deadline - loop.time()
+            if piece.data or piece.terminal or remaining <= 0:
+                break
+            await self.changes.wait_past(generation, remaining)
+        return {"data": base64.b64encode(piece.data).decode("ascii"), "offset": piece.offset, "size": piece.size,
+                "state": piece.state, "terminal": piece.terminal}
