@@ -1,4 +1,4 @@
-"""Container environment names, image references and tarball names (SPEC §10): the core's part.
+"""Container environment names, image references and tarball names: the core's part.
 
 Why it exists: ``hakuriver.docker`` (which makes tarballs) and the runner (which loads them)
 must agree on every name; both import it from here, so neither imports the other.

@@ -1,4 +1,4 @@
-"""The message contract (SPEC §4): every message that crosses the broker.
+"""The message contract (docs/protocol.md): every message that crosses the broker.
 
 Every process imports these models and nothing else defines a wire format.
 Each message is JSON with ``"v": 1``; a message of another version, with unknown
@@ -181,7 +181,7 @@ class Heartbeat(Message):
 
 
 class NodeInfo(Message):
-    """A runner's retained self-description (SPEC §3 pre-checks): the client reads it
+    """A runner's retained self-description (docs/protocol.md, "Node info"): the client reads it
     from the node's info queue to refuse unknown nodes and NUMA ids before publishing."""
 
     node: str

@@ -1,4 +1,4 @@
-"""Calling the host's RPC queue (SPEC §3, §7): the one client side of the ledger's queries.
+"""Calling the host's RPC queue (docs/protocol.md, "Queries"): the one client side of the ledger's queries.
 
 Why it exists: the client and the tests ask the host the same questions the same way.
 Requests are :class:`~hakuriver.messages.RpcRequest` JSON on the default exchange to

@@ -1,4 +1,4 @@
-"""The states a task goes through (SPEC §5) and which of them are final."""
+"""The states a task goes through (docs/protocol.md, "State event") and which of them are final."""
 
 from enum import StrEnum
 

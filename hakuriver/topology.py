@@ -1,4 +1,4 @@
-"""Broker names and declarations (SPEC §3), in one place, under a configurable prefix.
+"""Broker names and declarations (docs/protocol.md), in one place, under a configurable prefix.
 
 Exchanges:
   <p>.tasks    direct  task messages; a runner's queue <p>.node.<node> binds <node> and

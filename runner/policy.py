@@ -1,4 +1,4 @@
-"""What this runner refuses, whatever the client asked: the node's own config decides (SPEC §12).
+"""What this runner refuses, whatever the client asked: the node's own config decides.
 
 Privileged tasks run only where ``[node] allow_privileged`` is true; ``--mount`` host
 paths must lie under one of ``[node] allowed_mount_roots`` (symlinks resolved). Host

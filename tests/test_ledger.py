@@ -1,4 +1,4 @@
-"""The ledger's rules (SPEC §7), on real SQLite and real PostgreSQL.
+"""The ledger's rules, on real SQLite and real PostgreSQL.
 
 PostgreSQL: a fresh database ``hk_test_<uuid8>`` is made for the test run (as user
 postgres on 127.0.0.1:5432) and dropped afterwards; each test drops its tables.

@@ -1,4 +1,4 @@
-"""``hakuriver.docker``: container environments, the upstream HakuRiver workflow (SPEC §10).
+"""``hakuriver.docker``: container environments, the upstream HakuRiver workflow.
 
 An environment NAME is a long-running container ``hakuriver-env-NAME`` that a user
 changes by hand (``shell``), then packages: ``create-tar`` commits it to the image

@@ -1,4 +1,4 @@
-"""The host's SQL ledger (SPEC §7): the history of every task, node and output byte.
+"""The host's SQL ledger: the history of every task, node and output byte.
 
 Why it exists: runners and clients only ever see the present; the ledger keeps what
 happened, so ``--status``, ``--list-tasks`` and ``--stdout`` work after the fact.

@@ -1,4 +1,4 @@
-"""The host service (SPEC §7): consumes every event into the ledger and answers queries.
+"""The host service: consumes every event into the ledger and answers queries.
 
 Why it exists: runners and clients talk through the broker alone; the host is the one
 process that remembers. It

@@ -179,7 +179,7 @@ class DockerExecutor(Executor):
         # exited its log is complete, and a second pass copies whatever the follower missed.
         await self._copy_log(handle, follow=False)
         if "memory" in handle.data and not handle.data["memory"]:
-            # Without a memory limit there is no OOM flag to read (SPEC: killed_oom is the
+            # Without a memory limit there is no OOM flag to read (killed_oom means the
             # limit being hit); the wait reply has the rest, one API call less per task.
             return Outcome(exit_code=ended.get("StatusCode"), message=(ended.get("Error") or {}).get("Message") or "")
         state = (await container.show())["State"]

@@ -1,4 +1,4 @@
-"""Which executors this node has, and which one runs a given task (SPEC §6 "Executors").
+"""Which executors this node has, and which one runs a given task (docs/architecture.md).
 
 A task naming a container runs under ``docker``; a host task (``container`` is None)
 runs under ``systemd`` where systemd is PID 1, else as a ``process``. Docker is
