@@ -134,6 +134,15 @@ async def test_a_task_gets_the_base_environment_its_own_variables_and_its_own_di
     assert not workdir.exists(), "the working directory is removed when the task ends"
 
 
+async def test_what_a_task_leaves_in_its_directory_is_removed_when_it_ends(executor, tmp_path):
+    task = _task("sh", "-c", "mkdir -p sub/deeper && echo data > sub/deeper/file && echo top > file")
+    handle, outcome = await _run(executor, task, _spec(tmp_path))
+    assert outcome.exit_code == 0
+    assert handle.data["workdir"] == str(tmp_path / "local" / f"task-{task.task_id}")
+    assert not (tmp_path / "local" / f"task-{task.task_id}").exists()
+    assert (tmp_path / "local").is_dir()  # local temp itself stays
+
+
 async def test_the_users_env_wins_over_the_base(executor, tmp_path):
     spec = _spec(tmp_path)
     spec.env.update(PATH=f"{tmp_path}/bin:/usr/bin:/bin", LANG="de_DE.UTF-8")

@@ -277,7 +277,14 @@ def _start_error(command: str, exc: BaseException, cwd: str | None) -> str:
 
 
 async def _remove_tree(path: Path) -> None:
-    # a task may leave many files; the event loop must not wait on the disk
+    try:
+        os.rmdir(path)  # usually the task left nothing: one system call, no thread
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    # it left files, maybe many: the event loop must not wait on the disk
     await asyncio.to_thread(shutil.rmtree, path, True)
 
 
