@@ -152,9 +152,6 @@ class HostProcesses:
         code = await proc.wait()
         return code if code >= 0 else 128 - code
 
-    def started_here(self, task_id: int) -> bool:
-        return task_id in self._procs
-
     def running(self, task_id: int) -> bool:
         """Whether the task's first process (the one waited on) still runs."""
         proc = self._procs.get(task_id)
