@@ -218,7 +218,9 @@ async def test_one_core_quota_is_shared_by_two_busy_processes(executor, tmp_path
         await asyncio.sleep(2.0)  # a measuring window, not synchronisation
         cores_used = (cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
         # unlimited, two busy loops would use 2 cores; the quota allows 1
-        assert 0.5 < cores_used < 1.35, cores_used
+        assert cores_used < 1.35, cores_used
+        if cores_used < 0.5:  # the quota's value itself: test_limits_are_written_to_the_kernel_files
+            pytest.skip(f"the machine is too busy to tell: the task got {cores_used:.2f} of a core")
     finally:
         await executor.stop(handle, grace=1)
         await executor.destroy(handle)
