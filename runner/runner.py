@@ -111,6 +111,7 @@ class Runner:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(executor.close() for executor in self.executors.values()), return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
         self.store.close()
@@ -272,14 +273,13 @@ class Runner:
             await self._update_pool_consumer()
 
     def _spec(self, task: Task) -> RunSpec:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
-        env.update({
+        env = {  # the task's own variables only: nothing of the runner's environment (README "Host tasks")
             "HAKURIVER_TASK_ID": str(task.task_id),
             "HAKURIVER_NODE": self.node,
             "HAKURIVER_SHARED_DIR": self.config.paths.shared_dir,
             "HAKURIVER_LOCAL_TEMP_DIR": self.config.paths.local_temp_dir,
             "HAKURIVER_CORES": f"{task.cores:g}",
-        })
+        }
         cpus = mems = None
         if task.numa is not None:
             env["HAKURIVER_NUMA_NODE"] = str(task.numa)

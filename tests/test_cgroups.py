@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cgroups import (CONTROLLERS, V1Cgroups, V1TaskCgroup, V2Cgroups, V2TaskCgroup, attach,
+from runner.cgroups import (CONTROLLERS, TRACKERS, V1Cgroups, V1TaskCgroup, V2Cgroups, V2TaskCgroup, attach,
                             open_cgroups)
 from runner.executors.process import JOIN_SCRIPT, SHELL
 
@@ -43,12 +43,21 @@ async def _until(predicate, timeout=10.0):
             await asyncio.sleep(0.01)
 
 
-def test_root_can_write_the_controllers_here(cgroups):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    assert set(cgroups.probe()) <= set(CONTROLLERS)
-    assert cgroups.probe(), "as root on this machine at least one controller must be writable"
-    assert cgroups.unenforceable() == [name for name in CONTROLLERS if name not in cgroups.probe()]
+async def test_what_probe_reports_writable_takes_a_limit_and_the_rest_is_unenforced(cgroups):
+    writable = cgroups.probe()
+    if not writable:
+        pytest.skip("no cgroup controller is writable here (not root?)")
+    assert set(writable) <= set(CONTROLLERS)
+    assert cgroups.unenforceable() == [name for name in CONTROLLERS if name not in writable]
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    limits = {"memory": {"memory": 64 * MiB}, "cpu": {"cores": 1}, "cpuset": {"cpus": [cpu], "mems": [0]}}
+    for name in writable:
+        group, unenforced = cgroups.create(f"probe-{name}", **{"memory": None, "cores": 0, "cpus": None,
+                                                               "mems": None, **limits[name]})
+        try:
+            assert unenforced == [], name
+        finally:
+            assert await group.remove()
 
 
 async def test_limits_are_written_to_the_kernel_files(cgroups):
@@ -138,6 +147,7 @@ def test_a_root_without_controllers_enforces_nothing(tmp_path):
     assert unenforced == ["memory", "cpu", "cpuset"]
     group, unenforced = hierarchy.create("2", memory=None, cores=0, cpus=None, mems=None)
     assert group is None and unenforced == []
+    assert not hierarchy.tracks()
 
 
 def test_v1_groups_nest_under_the_runners_own_cgroup(tmp_path):
@@ -158,6 +168,9 @@ def test_unified_root_is_detected_and_unusable_controllers_are_reported(tmp_path
     group, unenforced = hierarchy.create("7", memory=MiB, cores=2, cpus=None, mems=None)
     assert isinstance(group, V2TaskCgroup) and group.path == tmp_path / "hk" / "7"
     assert unenforced == ["memory", "cpu"]
+    assert hierarchy.tracks()  # a group of its own, without limits, still holds the whole task
+    group, unenforced = hierarchy.create("8", memory=None, cores=0, cpus=None, mems=None)
+    assert group.path == tmp_path / "hk" / "8" and group.path.is_dir() and unenforced == []
 
 
 def test_v2_oom_count_comes_from_memory_events(tmp_path):
@@ -200,10 +213,37 @@ async def test_a_v1_cpuset_group_takes_what_the_task_leaves_open_from_the_parent
         assert await group.remove()
 
 
-async def test_a_cpuset_that_cannot_be_written_leaves_no_group(cgroups):
+async def test_a_cpuset_that_cannot_be_written_leaves_no_cpuset_group_but_still_tracks(cgroups):
     if not isinstance(cgroups, V1Cgroups):
         pytest.skip("v1 only")
     _need(cgroups, "cpuset")
     group, unenforced = cgroups.create("bad-cpus", memory=None, cores=0, cpus=[4095], mems=None)
-    assert group is None and unenforced == ["cpuset"]
-    assert not (cgroups.parent_dir("cpuset") / "bad-cpus").exists()
+    try:
+        assert unenforced == ["cpuset"]
+        assert not (cgroups.parent_dir("cpuset") / "bad-cpus").exists()
+        assert list(group.paths) == [cgroups.tracker()]
+    finally:
+        assert await group.remove()
+
+
+async def test_v1_tracks_a_task_without_limits_in_the_cheapest_process_only_hierarchy(cgroups):
+    if not isinstance(cgroups, V1Cgroups):
+        pytest.skip("v1 only")
+    if not cgroups.tracks():
+        pytest.skip("no v1 hierarchy is writable here")
+    group, unenforced = cgroups.create("plain", memory=None, cores=0, cpus=None, mems=None)
+    try:
+        assert unenforced == [] and list(group.paths) == [cgroups.tracker()]
+        usable = [name for name in TRACKERS if (cgroups.root / name).is_dir()]
+        if usable:  # pids where mounted, else freezer, else cpuacct
+            assert cgroups.tracker() == usable[0]
+    finally:
+        assert await group.remove()
+
+
+def test_v1_without_a_process_only_hierarchy_tracks_in_a_limit_one(tmp_path):
+    (tmp_path / "memory").mkdir()  # a plain directory takes the parent's mkdir like a hierarchy
+    hierarchy = V1Cgroups(root=str(tmp_path), parent="hk", proc_cgroup=str(tmp_path / "none"))
+    assert hierarchy.tracker() == "memory" and hierarchy.tracks()
+    group, unenforced = hierarchy.create("9", memory=None, cores=0, cpus=None, mems=None)
+    assert unenforced == [] and group.paths == {"memory": tmp_path / "memory" / "hk" / "9"}

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+
+from runner.cgroups import open_cgroups
 from runner.numa import detect_topology, format_cpulist
 
 
@@ -21,7 +26,17 @@ def test_numa_target_runs_on_that_nodes_cpus(cluster):
     assert output.split()[-1] == format_cpulist(detect_topology()[0].cpus)
 
 
+def _everything_enforceable_here() -> bool:
+    hierarchy = open_cgroups(parent=f"hk-test-{uuid.uuid4().hex[:8]}")
+    try:
+        return not hierarchy.unenforceable() and hierarchy.tracks()
+    finally:
+        hierarchy.remove_parent()
+
+
 def test_nodes_report_what_they_enforce(cluster):
+    if not _everything_enforceable_here():
+        pytest.skip("not every cgroup controller is writable here: the nodes rightly list some")
     nodes = cluster.query("--list-nodes")["nodes"]
     assert all("process" in n["executors"] for n in nodes)
-    assert all(n["unenforced"] == [] for n in nodes)  # this machine has writable cgroups
+    assert all(n["unenforced"] == [] for n in nodes)

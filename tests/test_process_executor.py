@@ -14,8 +14,9 @@ import pytest
 
 from hakuriver.messages import Task
 from runner.cgroups import attach
+from runner.executors import host
 from runner.executors.base import Handle, RunSpec, StartFailed
-from runner.executors import process
+from runner.executors.host import HostProcesses, base_environment
 from runner.executors.process import ProcessExecutor
 from runner.numa import detect_topology, format_cpulist
 
@@ -44,6 +45,11 @@ def _need(executor, *controllers):
         pytest.skip(f"cgroup controllers {missing} are not writable here")
 
 
+def _need_tracking(executor):
+    if not executor.cgroups.tracks():
+        pytest.skip("no cgroup can be made here (not root?): tasks cannot be tracked")
+
+
 _ids = iter(range(1, 10**6))
 
 
@@ -53,7 +59,8 @@ def _task(command, *args, **limits):
 
 
 def _spec(tmp_path, **kwargs):
-    return RunSpec(env=dict(os.environ), stdout_path=tmp_path / "stdout", stderr_path=tmp_path / "stderr", **kwargs)
+    return RunSpec(env={}, stdout_path=tmp_path / "stdout", stderr_path=tmp_path / "stderr",
+                   local_temp_dir=str(tmp_path / "local"), **kwargs)
 
 
 def _marker():
@@ -106,6 +113,59 @@ async def test_environment_and_cwd_reach_the_task(executor, tmp_path):
     assert (tmp_path / "stdout").read_text() == f"value with spaces|{tmp_path}"
 
 
+async def test_a_task_gets_the_base_environment_its_own_variables_and_its_own_directory(
+        executor, tmp_path, monkeypatch):
+    monkeypatch.setenv("HK_RUNNER_SECRET", "must-not-leak")
+    monkeypatch.setenv("HAKURIVER_BROKER_URL", "amqp://runner:password@broker/")
+    spec = _spec(tmp_path)
+    spec.env.update(HAKURIVER_TASK_ID="42", USER_VAR="from --env")
+    task = _task("sh", "-c", 'pwd; ls -A; echo; env -0')
+    handle = await executor.start(task, spec)
+    workdir = tmp_path / "local" / f"task-{task.task_id}"
+    assert workdir.is_dir()
+    assert (await asyncio.wait_for(executor.wait(handle), 60)).exit_code == 0
+    await executor.destroy(handle)
+    where, listing, env_text = (tmp_path / "stdout").read_text().split("\n", 2)
+    assert where == str(workdir) and listing == ""  # an empty directory of its own
+    env = dict(item.split("=", 1) for item in env_text.lstrip("\n").split("\0") if item)
+    env.pop("SHLVL", None)  # the shell's own
+    assert env == {**base_environment(), "PWD": str(workdir), "HAKURIVER_TASK_ID": "42", "USER_VAR": "from --env"}
+    assert set(base_environment()) == {"PATH", "HOME", "USER", "LOGNAME", "LANG"}
+    assert not workdir.exists(), "the working directory is removed when the task ends"
+
+
+async def test_what_a_task_leaves_in_its_directory_is_removed_when_it_ends(executor, tmp_path):
+    task = _task("sh", "-c", "mkdir -p sub/deeper && echo data > sub/deeper/file && echo top > file")
+    handle, outcome = await _run(executor, task, _spec(tmp_path))
+    assert outcome.exit_code == 0
+    assert handle.data["workdir"] == str(tmp_path / "local" / f"task-{task.task_id}")
+    assert not (tmp_path / "local" / f"task-{task.task_id}").exists()
+    assert (tmp_path / "local").is_dir()  # local temp itself stays
+
+
+async def test_the_users_env_wins_over_the_base(executor, tmp_path):
+    spec = _spec(tmp_path)
+    spec.env.update(PATH=f"{tmp_path}/bin:/usr/bin:/bin", LANG="de_DE.UTF-8")
+    _, outcome = await _run(executor, _task("sh", "-c", 'printf "%s|%s" "$PATH" "$LANG"'), spec)
+    assert outcome.exit_code == 0
+    assert (tmp_path / "stdout").read_text() == f"{tmp_path}/bin:/usr/bin:/bin|de_DE.UTF-8"
+
+
+@pytest.mark.parametrize("kind", ["tracked", "untracked"])
+async def test_a_script_without_a_shebang_runs_with_sh_either_way(executor, fallback, tmp_path, kind):
+    """Both start paths (the cgroup-joining shell; a direct spawn) run it as execvp does."""
+    chosen = executor if kind == "tracked" else fallback
+    if kind == "tracked":
+        _need_tracking(executor)
+    script = tmp_path / "no-shebang"
+    script.write_text('echo "ran as sh: $0 $1"\n')
+    script.chmod(0o755)
+    handle, outcome = await _run(chosen, _task(str(script), "arg"), _spec(tmp_path))
+    assert (handle.data["cgroup"] is not None) is (kind == "tracked")
+    assert outcome.exit_code == 0, (tmp_path / "stderr").read_text()
+    assert (tmp_path / "stdout").read_text() == f"ran as sh: {script} arg\n"
+
+
 async def test_unknown_command_fails_to_start_and_leaves_nothing(executor, tmp_path):
     task = _task("hk-no-such-command-xyz")
     with pytest.raises(StartFailed, match="command not found"):
@@ -116,6 +176,7 @@ async def test_unknown_command_fails_to_start_and_leaves_nothing(executor, tmp_p
     with pytest.raises(StartFailed, match="permission denied"):
         await executor.start(_task("./not-executable"), _spec(tmp_path, cwd=str(tmp_path)))
     assert not any((parent / str(task.task_id)).exists() for parent in executor.cgroups.parent_dirs())
+    assert not (tmp_path / "local" / f"task-{task.task_id}").exists()
 
 
 async def test_a_signal_death_is_128_plus_the_signal(executor, tmp_path):
@@ -157,7 +218,9 @@ async def test_one_core_quota_is_shared_by_two_busy_processes(executor, tmp_path
         await asyncio.sleep(2.0)  # a measuring window, not synchronisation
         cores_used = (cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
         # unlimited, two busy loops would use 2 cores; the quota allows 1
-        assert 0.5 < cores_used < 1.35, cores_used
+        assert cores_used < 1.35, cores_used
+        if cores_used < 0.5:  # the quota's value itself: test_limits_are_written_to_the_kernel_files
+            pytest.skip(f"the machine is too busy to tell: the task got {cores_used:.2f} of a core")
     finally:
         await executor.stop(handle, grace=1)
         await executor.destroy(handle)
@@ -198,6 +261,7 @@ async def _expect_cpus(executor, tmp_path, cpus, mems):
 
 
 async def test_stop_reaches_every_process_and_destroy_removes_the_cgroup(executor, tmp_path):
+    _need_tracking(executor)
     marker = _marker()
     # setsid: one sleep leaves the process group; only the cgroup still knows it
     script = f"sleep {marker} & setsid sleep {marker} & sleep {marker}; wait"
@@ -207,11 +271,8 @@ async def test_stop_reaches_every_process_and_destroy_removes_the_cgroup(executo
     outcome = await asyncio.wait_for(executor.wait(handle), 10)
     assert outcome.exit_code == 143 and not outcome.oom
     await executor.destroy(handle)
-    if handle.data.get("cgroup"):
-        assert _processes_with(marker) == []
-        assert not any(path.exists() for path in _cgroup_dirs(handle))
-    else:
-        assert len(_processes_with(marker)) <= 1
+    assert _processes_with(marker) == []
+    assert not any(path.exists() for path in _cgroup_dirs(handle))
 
 
 async def test_stop_escalates_to_sigkill_after_the_grace(executor, tmp_path):
@@ -242,7 +303,7 @@ async def test_recover_kills_what_is_left_and_reports_lost(executor, tmp_path):
 
 
 async def test_without_cgroups_the_task_runs_and_says_what_is_unenforced(fallback, tmp_path):
-    assert fallback.unenforceable() == ["memory", "cpu"]
+    assert fallback.unenforceable() == ["memory", "cpu", "tracking"]
     task = _task("sh", "-c", "echo ran", memory=64 * MiB, cores=1)
     handle, outcome = await _run(fallback, task, _spec(tmp_path, cpus=[0], mems=[0]))
     assert outcome.exit_code == 0
@@ -258,7 +319,7 @@ async def test_without_a_cpuset_memory_binding_is_unenforced_on_multi_node_machi
         (sys_nodes / f"node{index}" / "cpulist").write_text(str(index))
         (sys_nodes / f"node{index}" / "meminfo").write_text(f"Node {index} MemTotal: 1024 kB\n")
     executor = ProcessExecutor(cgroup_root=str(tmp_path / "none"), sys_node_root=str(sys_nodes))
-    assert executor.unenforceable() == ["memory", "cpu", "numa-memory"]
+    assert executor.unenforceable() == ["memory", "cpu", "numa-memory", "tracking"]
     cpus = sorted(os.sched_getaffinity(0))[:1]
     handle, outcome = await _run(executor, _task("true"), _spec(tmp_path, cpus=cpus, mems=[0]))
     assert outcome.exit_code == 0
@@ -266,15 +327,15 @@ async def test_without_a_cpuset_memory_binding_is_unenforced_on_multi_node_machi
 
 
 async def test_inspect_lists_the_tasks_processes(executor, tmp_path):
+    _need_tracking(executor)
     marker = _marker()
     handle = await executor.start(_task("sleep", marker), _spec(tmp_path))
     try:
         await _until(lambda: _processes_with(marker) == [handle.data["pid"]])
         info = await executor.inspect(handle)
         assert info["running"] is True
-        if handle.data.get("cgroup"):
-            assert info["pids"] == [handle.data["pid"]]
-            assert info["oom_kills"] == 0
+        assert info["pids"] == [handle.data["pid"]]
+        assert info["oom_kills"] == 0
     finally:
         await executor.stop(handle, grace=1)
         await executor.destroy(handle)
@@ -314,17 +375,32 @@ async def test_on_a_v2_hierarchy_the_cgroup_tracks_and_kills_the_whole_task(tmp_
     assert not any(path.exists() for path in executor.cgroups.parent_dirs())
 
 
-async def test_a_task_without_limits_runs_directly_and_kill_reaches_its_process_group(executor, tmp_path):
+async def test_a_task_without_limits_is_tracked_so_processes_that_left_its_group_end_with_it(executor, tmp_path):
+    """`setsid` leaves the task's session and process group; its cgroup still holds it."""
+    _need_tracking(executor)
     marker = _marker()
-    handle = await executor.start(_task("sh", "-c", f"sleep {marker} & sleep {marker}; wait"), _spec(tmp_path))
+    task = _task("sh", "-c", f"setsid sleep {marker} & echo started")
+    handle = await executor.start(task, _spec(tmp_path))
     try:
-        assert handle.data["cgroup"] is None and handle.unenforced == []
-        await _until(lambda: len(_processes_with(marker)) == 2)
-        # no joining shell in front: the task's pid is the command itself
-        assert psutil.Process(handle.data["pid"]).cmdline()[:2] == ["sh", "-c"]
+        assert handle.data["cgroup"] is not None and handle.unenforced == []
+        assert (await asyncio.wait_for(executor.wait(handle), 60)).exit_code == 0
+        await _until(lambda: _processes_with(marker))  # the task ended; its escaped child runs on
+        assert set(attach(handle.data["cgroup"]).pids()) >= set(_processes_with(marker))
     finally:
         await executor.destroy(handle)
-    await _until(lambda: not _processes_with(marker))
+    assert _processes_with(marker) == []
+    assert not any(path.exists() for path in _cgroup_dirs(handle))
+
+
+async def test_a_kill_of_a_task_without_limits_reaches_processes_that_left_its_group(executor, tmp_path):
+    _need_tracking(executor)
+    marker = _marker()
+    handle = await executor.start(_task("sh", "-c", f"setsid sleep {marker} & sleep {marker}"), _spec(tmp_path))
+    await _until(lambda: len(_processes_with(marker)) == 2)
+    await executor.stop(handle, grace=5)
+    assert (await asyncio.wait_for(executor.wait(handle), 10)).exit_code == 143
+    await _until(lambda: not _processes_with(marker))  # stop alone, before destroy
+    await executor.destroy(handle)
 
 
 @pytest.mark.parametrize("limits, controllers", [
@@ -345,27 +421,36 @@ async def test_a_task_gets_groups_only_for_the_limits_it_has(executor, tmp_path,
     assert sorted(handle.data["cgroup"]["paths"]) == controllers
 
 
+async def test_on_v1_a_task_without_limits_is_tracked_in_one_group_of_a_tracking_hierarchy(executor, tmp_path):
+    if executor.cgroups.version != 1:
+        pytest.skip("hierarchies per controller exist only on cgroup v1")
+    _need_tracking(executor)
+    handle, outcome = await _run(executor, _task("true"), _spec(tmp_path))
+    assert outcome.exit_code == 0 and handle.unenforced == []
+    assert list(handle.data["cgroup"]["paths"]) == [executor.cgroups.tracker()]
+
+
 def test_a_found_command_is_looked_up_again_once_it_is_gone(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     command = f"hk-probe-{uuid.uuid4().hex[:8]}"
-    assert process._find_on_path(command, str(bin_dir)) is None
+    assert host.find_on_path(command, str(bin_dir)) is None
     tool = bin_dir / command
     tool.write_text("#!/bin/sh\n")
     tool.chmod(0o755)
-    assert process._find_on_path(command, str(bin_dir)) == str(tool)  # a miss was not remembered
-    assert process._find_on_path(command, str(bin_dir)) == str(tool)  # from the cache
+    assert host.find_on_path(command, str(bin_dir)) == str(tool)  # a miss was not remembered
+    assert host.find_on_path(command, str(bin_dir)) == str(tool)  # from the cache
     tool.unlink()
-    assert process._find_on_path(command, str(bin_dir)) is None
+    assert host.find_on_path(command, str(bin_dir)) is None
     with pytest.raises(StartFailed, match="command not found"):
-        process._check_command(command, RunSpec(env={"PATH": str(bin_dir)}, stdout_path=tmp_path / "o",
-                                                 stderr_path=tmp_path / "e"))
+        HostProcesses().check(_task(command), RunSpec(env={"PATH": str(bin_dir)}, stdout_path=tmp_path / "o",
+                                                      stderr_path=tmp_path / "e"))
 
 
 def test_create_time_is_psutils_value_and_none_for_no_process():
     for pid in (1, os.getpid()):
-        assert process._create_time(pid) == psutil.Process(pid).create_time()
-    assert process._create_time(2**22 + 1) is None  # above the kernel's largest pid
+        assert host.create_time(pid) == psutil.Process(pid).create_time()
+    assert host.create_time(2**22 + 1) is None  # above the kernel's largest pid
 
 
 def _pidfd_works():

@@ -4,7 +4,6 @@ systemd is not PID 1 on the development machine, so the scope itself cannot run 
 what can be checked without it is checked: the exact systemd-run argv and the selection.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -73,9 +72,19 @@ def test_systemd_is_init_needs_the_run_dir_and_pid_1(tmp_path):
     assert not systemd_is_init(str(run_dir), str(tmp_path / "no-such-proc"))
 
 
-def test_available_matches_this_machine():
-    expected = systemd_is_init() and shutil.which("systemd-run") is not None
-    assert SystemdExecutor.available() is expected
+def test_unavailable_without_systemd_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no systemd-run anywhere
+    assert SystemdExecutor.available() is False
+
+
+def test_unavailable_where_systemd_is_not_pid_1(monkeypatch, tmp_path):
+    if systemd_is_init():
+        pytest.skip("systemd is PID 1 here")
+    fake = tmp_path / "systemd-run"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # systemd-run is there, systemd is not running
+    assert SystemdExecutor.available() is False
 
 
 def test_legacy_systemd_without_numactl_cannot_bind_memory_on_multi_node_machines(tmp_path):

@@ -5,6 +5,11 @@ waits for it, stops it (SIGTERM, then SIGKILL after a grace period, to everythin
 the task started), destroys what is left (cgroup, container), inspects it, and
 recovers a task it started before the runner restarted. A :class:`Handle` is plain
 JSON-able data, stored by the runner, so :meth:`Executor.recover` can rebuild it.
+The runner calls :meth:`Executor.close` once when it stops (tasks keep running).
+
+``RunSpec.env`` holds the task's own variables only; each executor puts them on its
+own base (a host task's: :mod:`runner.executors.host`; a container's: its image's),
+so nothing of the runner's environment reaches a task.
 """
 
 from __future__ import annotations
@@ -21,14 +26,14 @@ from hakuriver.messages import Task
 class RunSpec:
     """Everything an executor needs beyond the task message itself."""
 
-    env: dict[str, str]                 # full environment for the task (HAKURIVER_* + user's)
+    env: dict[str, str]                 # the task's own variables: HAKURIVER_* and the user's --env
     stdout_path: Path
     stderr_path: Path
     cpus: list[int] | None = None       # CPUs of the NUMA node for node:N targets, else None
     mems: list[int] | None = None       # NUMA memory nodes for node:N targets, else None
     shared_dir: str = ""
     local_temp_dir: str = ""
-    cwd: str | None = None
+    cwd: str | None = None              # host tasks: None = their own directory under local temp
 
 
 @dataclass
@@ -98,6 +103,13 @@ class Executor(abc.ABC):
     async def inspect(self, handle: Handle) -> dict[str, Any]:
         """What the executor knows about the task now (for debugging and health)."""
         return dict(handle.data)
+
+    async def close(self) -> None:
+        """Release what the executor holds (connections, followers) when the runner stops.
+
+        Tasks are left running, as they are when the runner dies: the next runner
+        recovers them.
+        """
 
     async def recover(self, handle: Handle, spec: RunSpec) -> Handle | None:
         """Re-attach to a task started before the runner restarted.

@@ -9,9 +9,11 @@ Why a scope and not a transient service (``--unit`` alone): with ``--scope``
 systemd-run asks systemd for the scope, moves itself into it and then ``exec``\\ s the
 command under its own pid, so the task is still the runner's child: stdout and stderr
 go straight to the runner's files, its exit status is the command's, and waiting,
-process-group signals and affinity work exactly as for the ``process`` executor, which
-this class extends. A service would need ``StandardOutput=append:`` and polling of
-``ExecMainStatus`` instead.
+process-group signals, affinity, the task's environment and working directory work
+exactly as for the ``process`` executor: both use :class:`~runner.executors.host.HostProcesses`
+for that part. A service would need ``StandardOutput=append:`` and polling of
+``ExecMainStatus`` instead. Every task gets its scope, whatever its limits: the scope
+is what tracks the task's whole tree, also processes that leave its process group.
 
 Why no ``--collect``: a scope that ends normally is unloaded anyway; one that ends
 *failed* is kept loaded so that its ``Result`` (``oom-kill`` when ``MemoryMax`` ended
@@ -26,7 +28,7 @@ machines). Scopes have no exit status of their own; a failure of systemd-run its
 
 How this was tried: it cannot run on the development machine (systemd is not PID 1
 there), so the command line is built by the pure :func:`systemd_run_argv`, tested on
-its own, and the rest reuses the process executor's tested paths. Restart: as for
+its own, and the rest is the host tasks' shared, tested code. Restart: as for
 the ``process`` executor the task cannot be followed; :meth:`recover` stops its unit
 and returns None, so the runner reports it ``lost``.
 """
@@ -38,11 +40,11 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hakuriver.messages import Task
-from runner.executors.base import Handle, RunSpec
-from runner.executors.process import ProcessExecutor, affinity_setter
+from runner.executors.base import Executor, Handle, Outcome, RunSpec
+from runner.executors.host import HostProcesses, Launch, affinity_setter, stop_with_grace
 from runner.numa import SYS_NODE_ROOT, detect_topology, format_cpulist
 
 DEFAULT_UNIT_PREFIX = "hakuriver-task"
@@ -98,14 +100,14 @@ def systemd_is_init(run_dir: str = "/run/systemd/system", init_comm: str = "/pro
         return False
 
 
-class SystemdExecutor(ProcessExecutor):
+class SystemdExecutor(Executor):
     name = "systemd"
     poll_interval = 0.1  # each liveness check runs systemctl
 
     def __init__(self, unit_prefix: str = DEFAULT_UNIT_PREFIX, sys_node_root: str = SYS_NODE_ROOT,
                  cgroup_root: str = CGROUP_ROOT) -> None:
-        # no cgroups of our own: systemd owns them (the parent's cgroup set-up is skipped on purpose)
-        self._procs = {}
+        # no cgroups of our own: systemd owns them
+        self.processes = HostProcesses()
         self.unit_prefix = unit_prefix
         self._memory_nodes = len(detect_topology(sys_node_root))
         self._cpuset = (Path(cgroup_root) / "cgroup.controllers").exists()
@@ -120,44 +122,79 @@ class SystemdExecutor(ProcessExecutor):
             return []
         return ["numa-memory"]
 
-    async def _launch_plan(self, task: Task, spec: RunSpec
-                           ) -> tuple[list[str], Callable[[], None] | None, dict[str, Any], list[str]]:
-        argv = systemd_run_argv(task, spec, unit_prefix=self.unit_prefix, cpuset=self._cpuset,
-                                numactl=self._numactl)
-        unenforced: list[str] = []
-        preexec = None
+    async def start(self, task: Task, spec: RunSpec) -> Handle:
+        self.processes.check(task, spec)
+        launch = self._launch(task, spec)
+        try:
+            return await self.processes.spawn(task, spec, launch, self.name)
+        except BaseException:
+            await _remove_unit(launch.data["unit"])
+            raise
+
+    async def wait(self, handle: Handle) -> Outcome:
+        exit_code = await self.processes.wait(handle.task_id)
+        if exit_code is None:
+            return Outcome(exit_code=None, message="the task was not started by this runner")
+        if await _unit_property(handle.data["unit"], "Result") == "oom-kill":
+            limit = handle.data.get("memory")
+            return Outcome(exit_code=exit_code, oom=True,
+                           message=f"memory limit of {limit} bytes exceeded" if limit else "out of memory")
+        return Outcome(exit_code=exit_code)
+
+    async def stop(self, handle: Handle, grace: float) -> None:
+        await stop_with_grace(lambda: self._alive(handle), lambda sig: self._signal(handle, sig),
+                              grace, self.poll_interval)
+
+    async def destroy(self, handle: Handle) -> None:
+        if self.processes.running(handle.task_id):
+            await self._signal(handle, signal.SIGKILL)
+        else:  # the first process is gone, but what it started may still run in its group
+            self.processes.signal_group(handle.task_id, signal.SIGKILL)
+        await _remove_unit(handle.data["unit"])  # stopping the scope kills what is left in it
+        await self.processes.forget(handle)
+
+    async def inspect(self, handle: Handle) -> dict[str, Any]:
+        info = dict(handle.data)
+        info["running"] = self.processes.running(handle.task_id)
+        info["active_state"] = await _unit_property(handle.data["unit"], "ActiveState")
+        return info
+
+    async def recover(self, handle: Handle, spec: RunSpec) -> Handle | None:
+        """Stop what is left of a task from before the restart; it cannot be followed (None → lost)."""
+        self.processes.kill_stale(handle)
+        if handle.data.get("unit"):
+            await _remove_unit(handle.data["unit"])
+        await self.processes.forget(handle)
+        return None
+
+    # ---- this executor's own part --------------------------------------------------------
+
+    def _launch(self, task: Task, spec: RunSpec) -> Launch:
+        launch = Launch(argv=systemd_run_argv(task, spec, unit_prefix=self.unit_prefix, cpuset=self._cpuset,
+                                              numactl=self._numactl),
+                        data={"unit": unit_name(task.task_id, self.unit_prefix), "memory": task.memory})
         if not self._cpuset and not self._numactl and (spec.cpus or spec.mems):
             # systemd-run execs the command in this very process, so affinity carries over
             if spec.cpus:
-                preexec = affinity_setter(spec.cpus)
+                launch.preexec = affinity_setter(spec.cpus)
             if spec.mems and self._memory_nodes > 1:
-                unenforced.append("numa-memory")
-        data = {"unit": unit_name(task.task_id, self.unit_prefix), "cgroup": None, "memory": task.memory}
-        return argv, preexec, data, unenforced
+                launch.unenforced.append("numa-memory")
+        return launch
 
     async def _alive(self, handle: Handle) -> bool:
-        proc = self._procs.get(handle.task_id)
-        if proc is not None and proc.returncode is None:
+        if self.processes.running(handle.task_id):
             return True
         return await _systemctl("is-active", "--quiet", handle.data["unit"]) == 0
 
     async def _signal(self, handle: Handle, sig: int) -> None:
-        await super()._signal(handle, sig)
+        self.processes.signal_group(handle.task_id, sig)
         await _systemctl("kill", f"--signal={signal.Signals(sig).name}", handle.data["unit"])
 
-    async def _oom(self, handle: Handle) -> bool:
-        return await _unit_property(handle.data["unit"], "Result") == "oom-kill"
 
-    async def _cleanup(self, handle: Handle) -> None:
-        unit = handle.data.get("unit")
-        if unit:
-            await _systemctl("stop", unit)
-            await _systemctl("reset-failed", unit)
-
-    async def inspect(self, handle: Handle) -> dict[str, Any]:
-        info = await super().inspect(handle)
-        info["active_state"] = await _unit_property(handle.data["unit"], "ActiveState")
-        return info
+async def _remove_unit(unit: str) -> None:
+    """Stop the scope (killing anything left in it) and unload it, also when it ended failed."""
+    await _systemctl("stop", unit)
+    await _systemctl("reset-failed", unit)
 
 
 async def _systemctl(*args: str) -> int:
