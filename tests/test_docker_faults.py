@@ -241,3 +241,21 @@ def test_runner_restarted_while_docker_is_away_adopts_its_container(proxied_clus
     assert task["state"] == "completed", task
     assert c.cli("--stdout", task_id).stdout == b"one\ntwo\n"
     assert containers_labelled(task_id) == []
+
+
+def test_a_docker_api_outage_during_a_task_loses_no_output_and_leaves_no_container(proxied_cluster, proxy):
+    c = proxied_cluster
+    task_id = c.cli_ok("--target", "node1", "--", "sh", "-c",
+                       "for i in 1 2 3; do echo line $i; done; while [ ! -e /shared/go ]; do sleep 0.05; done; "
+                       "for i in 4 5 6; do echo line $i; done").strip()
+    c.wait_for(lambda: c.cli("--stdout", task_id).stdout == b"line 1\nline 2\nline 3\n", what="the first lines")
+    proxy.stop()
+    (c.root / "shared" / "go").touch()
+    [container] = containers_labelled(task_id)
+    c.wait_for(lambda: subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", container], capture_output=True,
+                                      text=True).stdout.strip() == "exited", what="the container to end")
+    proxy.start()
+    task = c.wait_state(task_id, {"completed", "failed", "lost"}, timeout=60)
+    assert task["state"] == "completed", task
+    assert c.cli("--stdout", task_id).stdout == b"".join(f"line {i}\n".encode() for i in range(1, 7))
+    assert containers_labelled(task_id) == []
