@@ -55,7 +55,8 @@ def test_runner_killed_and_restarted_adopts_its_container(docker_cluster):
     c.wait_state(task_id, "running")
     c.kill("node1", signal.SIGKILL)
     c.start_runner("node1")
-    task = c.wait_state(task_id, {"completed", "failed", "lost"}, timeout=60)
+    # the host may judge it lost while the runner is away; the runner's report of it wins
+    task = c.wait_state(task_id, {"completed", "failed"}, timeout=60)
     assert task["state"] == "completed", task
     assert c.cli("--stdout", task_id).stdout == b"".join(f"line {i}\n".encode() for i in range(1, 7))
     assert containers_of(task_id) == []
