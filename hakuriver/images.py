@@ -17,6 +17,12 @@ How "older" is decided: an image's age is the newest of
     loaded once and not on every task),
   * its ``Created`` time (an image built or imported by hand, e.g. the CI base image).
 A tarball is loaded when its timestamp is greater than that age (:mod:`runner.images`).
+
+What the fabric loads or makes, it also prunes (:func:`prune_image`): an image that a
+newer one replaced under ``hakuriver/NAME:base`` (a runner loaded a newer tarball,
+``create-tar`` committed again) loses its ``hakuriver/NAME`` stamps and goes, unless a
+container still uses it (the caller tries again later) or a name outside
+``hakuriver/NAME`` still holds it (not ours to remove).
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import aiodocker
 
 TARBALL_DIR = "hakuriver-containers"
 TIMESTAMP_LABEL = "hakuriver.timestamp"
@@ -119,3 +129,35 @@ def tarball_listing(shared_dir: str | Path, name: str) -> tuple:
     except OSError:
         return ()
     return tuple(sorted(found))
+
+
+async def prune_image(docker: "aiodocker.Docker", name: str, image_id: str,
+                      with_base: bool = False) -> tuple[bool, list[str]]:
+    """Remove environment ``name``'s tags from an image, then the image if nothing else names it.
+
+    ``hakuriver/NAME:base`` itself is removed only ``with_base`` (deleting the environment).
+    Returns whether the image is done with (gone, or held by a name outside
+    ``hakuriver/NAME``) and what was removed; not done means a container still uses it.
+    """
+    import aiodocker
+
+    removed: list[str] = []
+    repo = f"hakuriver/{name}"
+    try:
+        info = await docker.images.inspect(image_id)
+        for tag in info.get("RepoTags") or []:
+            if tag.rpartition(":")[0] == repo and (with_base or tag != image_ref(name)):
+                await docker.images.delete(tag)
+                removed.append(tag)
+        info = await docker.images.inspect(image_id)
+        if [tag for tag in info.get("RepoTags") or [] if tag != "<none>:<none>"]:
+            return True, removed
+        await docker.images.delete(image_id)
+        removed.append(image_id)
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            return True, removed
+        if exc.status == 409:   # a container (running or not) uses it
+            return False, removed
+        raise
+    return True, removed

@@ -3,7 +3,9 @@
 The names (``hakuriver/NAME:base``, ``<shared>/hakuriver-containers/NAME-<ts>.tar``, how an
 image's age is read) are :mod:`hakuriver.images`; this module loads tarballs into Docker.
 Only one load per environment runs at a time: other tasks for the same environment
-wait for it and then use the loaded image.
+wait for it and then use the loaded image. The image a load replaces is pruned
+(:func:`hakuriver.images.prune_image`); while a task's container still uses it, it is
+pruned again after each task's container is removed, until it goes.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hakuriver.images import (TARBALL_TAG, Tarball, check_environment_name, image_ref, image_timestamp,
+from hakuriver.images import (Tarball, check_environment_name, image_ref, image_timestamp, prune_image,
                               tarball_listing, tarballs)
+from runner.docker_api import connection_lost
 
 if TYPE_CHECKING:
     import aiodocker
@@ -48,6 +51,7 @@ class ImageSync:
         self._shared_dir = shared_dir
         self._locks: dict[str, asyncio.Lock] = {}
         self._current: dict[str, tuple[tuple, str]] = {}   # name → (tarball listing, image id)
+        self._replaced: dict[str, str] = {}   # image id → environment name, for images still to prune
 
     async def ensure(self, name: str) -> str:
         """The image reference to run, loading a newer tarball first if there is one.
@@ -70,9 +74,24 @@ class ImageSync:
                 if info is None:
                     raise UnknownEnvironment(name)
             elif info is None or newest.timestamp > image_timestamp(info):
-                info = await load_tarball(self._docker, newest, replaced=info)
+                replaced = info
+                info = await load_tarball(self._docker, newest)
+                if replaced is not None and replaced.get("Id") != info.get("Id"):
+                    self._replaced[replaced["Id"]] = name
+                    await self.prune_replaced()
             self._current[name] = (listing, info.get("Id", ""))
         return ref
+
+    def has_replaced(self) -> bool:
+        """Whether an image a load replaced is still waiting to be pruned."""
+        return bool(self._replaced)
+
+    async def prune_replaced(self) -> None:
+        """Prune the images loads replaced; those a container still uses wait for the next call."""
+        for image_id, name in list(self._replaced.items()):
+            done, _ = await prune_image(self._docker, name, image_id)
+            if done:
+                del self._replaced[image_id]
 
     def image_id(self, name: str) -> str | None:
         """The id of ``hakuriver/NAME:base`` as of the last :meth:`ensure` (None: not known)."""
@@ -94,11 +113,12 @@ class ImageSync:
             raise
 
 
-async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball, replaced: dict | None = None) -> dict:
+async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball) -> dict:
     """Load a tarball into Docker (streamed from disk) and stamp the loaded image.
 
-    ``replaced`` is the inspect data of the image the tarball replaces, if any.
-    Returns the loaded image's inspect data.
+    Returns the loaded image's inspect data. A lost connection to Docker is raised as it
+    is (the caller may load again once Docker answers); any other failure is an
+    :class:`ImageLoadFailed`.
     """
     import aiodocker
 
@@ -108,15 +128,8 @@ async def load_tarball(docker: "aiodocker.Docker", tarball: Tarball, replaced: d
             await docker.images.import_image(data=data)
         loaded = await docker.images.inspect(ref)
     except (aiodocker.DockerError, OSError) as exc:
+        if connection_lost(exc):
+            raise
         raise ImageLoadFailed(f"cannot load {tarball.path}: {exc}") from None
-    stamp = f"tarball-{tarball.timestamp}"
-    await docker.images.tag(ref, f"hakuriver/{tarball.name}", tag=stamp)
-    # The replaced image's stamps are all that still names it; untag them so it can go.
-    for tag in (replaced or {}).get("RepoTags") or []:
-        repo, _, tag_name = tag.rpartition(":")
-        if repo == f"hakuriver/{tarball.name}" and TARBALL_TAG.match(tag_name) and tag_name != stamp:
-            try:
-                await docker.images.delete(tag, noprune=True)
-            except aiodocker.DockerError:
-                pass
+    await docker.images.tag(ref, f"hakuriver/{tarball.name}", tag=f"tarball-{tarball.timestamp}")
     return loaded

@@ -3,7 +3,10 @@
 Privileged tasks run only where ``[node] allow_privileged`` is true; ``--mount`` host
 paths must lie under one of ``[node] allowed_mount_roots`` (symlinks resolved). Host
 tasks (``--container NULL``) cannot take mounts at all: there is no container to
-mount into. A refusal ends the task ``rejected`` with the reason.
+mount into. A container task is also refused what Docker would refuse
+(:func:`hakuriver.containers.container_refusal`, the rule the client shares) and a
+mount whose host path does not exist on this node (Docker would create it, as root).
+A refusal ends the task ``rejected`` with the reason.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 
 from hakuriver.config import NodeConfig
+from hakuriver.containers import container_refusal
 from hakuriver.messages import Task
 
 
@@ -27,4 +31,11 @@ def refusal(task: Task, node: NodeConfig) -> str | None:
         if not any(host_path == root or host_path.startswith(root.rstrip("/") + "/") for root in roots):
             return (f"mount of {mount.host_path} is not allowed on node {node.node_name} "
                     f"(allowed roots: {', '.join(node.allowed_mount_roots) or 'none'})")
+    return container_refusal(task) or _missing_mount_source(task, node)
+
+
+def _missing_mount_source(task: Task, node: NodeConfig) -> str | None:
+    for mount in task.mounts:
+        if not os.path.exists(mount.host_path):
+            return f"mount of {mount.host_path}: no such file or directory on node {node.node_name}"
     return None

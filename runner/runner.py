@@ -36,7 +36,7 @@ from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
 from runner.admission import Admission, Capacity
 from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFailed, TaskRejected
-from runner.executors.select import available_executors, executor_for
+from runner.executors.select import available_executors, executor_for, usable
 from runner.numa import detect_topology
 from runner.output import OutputStream
 from runner.policy import refusal
@@ -54,6 +54,7 @@ class Running:
     executor: Executor
     output: OutputStream
     handle: Handle | None = None
+    starting: asyncio.Future | None = None  # executor.start while it runs: a kill cancels it
     kill_requested: bool = False
     ending: bool = False  # its outcome is known; the final event is on its way
 
@@ -247,6 +248,8 @@ class Runner:
             self.store.request_kill(task_id)
             if running.handle is not None:
                 self._spawn(running.executor.stop(running.handle, self.config.timing.kill_grace))
+            elif running.starting is not None:
+                running.starting.cancel()  # still starting (an image loading, Docker slow): it never runs
             return
         waiting = next((t for t in self.waiting if t.task_id == task_id), None)
         if waiting is not None:
@@ -295,12 +298,18 @@ class Runner:
 
     async def _run(self, task: Task) -> None:
         spec = self._spec(task)
-        executor = executor_for(task, self.executors)
+        executor = executor_for(task, self.executors, now=False)
         running = Running(task, executor, self._output_stream(task.task_id, spec))
         self.running[task.task_id] = running
         try:
             try:
-                handle = await executor.start(task, spec)
+                running.starting = asyncio.ensure_future(executor.start(task, spec))
+                handle = await running.starting
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # the runner is stopping
+                await self._finish(running, TaskState.KILLED, None, "killed before it started")
+                return
             except TaskRejected as exc:
                 await self._finish(running, TaskState.REJECTED, None, str(exc))
                 return
@@ -449,7 +458,7 @@ class Runner:
             # "lost") for the moment before its own "lost" event arrives.
             running=sorted(i for i, r in self.running.items() if not r.ending),
             queued=[t.task_id for t in self.waiting],
-            version=hakuriver.__version__, executors=sorted(self.executors), unenforced=unenforced,
+            version=hakuriver.__version__, executors=usable(self.executors), unenforced=unenforced,
             stopping=stopping)
 
     async def _publish_heartbeat(self, stopping: bool = False) -> None:

@@ -13,7 +13,9 @@ from docker_fixtures import docker_engine  # noqa: F401  (fixture)
 
 @pytest.fixture
 def docker_cluster(tmp_path, docker_engine):  # noqa: F811
-    c = Cluster(tmp_path / "cluster", ["node1"], docker={"default_container": "hakuriver-base"})
+    (tmp_path / "mounts").mkdir()
+    c = Cluster(tmp_path / "cluster", ["node1"], docker={"default_container": "hakuriver-base"},
+                node={"allowed_mount_roots": [str(tmp_path / "mounts")]})
     try:
         yield c.start()
     finally:
@@ -53,7 +55,18 @@ def test_runner_killed_and_restarted_adopts_its_container(docker_cluster):
     c.wait_state(task_id, "running")
     c.kill("node1", signal.SIGKILL)
     c.start_runner("node1")
-    task = c.wait_state(task_id, {"completed", "failed", "lost"}, timeout=60)
+    # the host may judge it lost while the runner is away; the runner's report of it wins
+    task = c.wait_state(task_id, {"completed", "failed"}, timeout=60)
     assert task["state"] == "completed", task
     assert c.cli("--stdout", task_id).stdout == b"".join(f"line {i}\n".encode() for i in range(1, 7))
     assert containers_of(task_id) == []
+
+
+def test_a_mount_of_a_host_path_missing_on_the_node_is_rejected_and_not_created(docker_cluster, tmp_path):
+    c = docker_cluster
+    missing = tmp_path / "mounts" / "missing"
+    task_id = c.cli_ok("--target", "node1", "--mount", f"{missing}:/data", "--", "true").strip()
+    task = c.wait_state(task_id, {"rejected", "completed", "failed"})
+    assert task["state"] == "rejected"
+    assert task["message"] == f"mount of {missing}: no such file or directory on node node1"
+    assert not missing.exists()

@@ -8,7 +8,13 @@ tarball before a task (see :mod:`runner.images`).
 
 Everything talks to the Docker API through aiodocker, except ``shell``: aiodocker has
 no interactive terminal client, so ``shell`` replaces this process with
-``docker exec -it`` (the docker CLI must be installed for that command only).
+``docker exec`` (the docker CLI must be installed for that command only): with a
+terminal (``-it``) when stdin is one, else with stdin alone (``-i``), so a script can
+prepare an environment (``shell NAME < setup.sh``, or ``shell NAME -- COMMAND ...``).
+
+What it makes, it prunes: ``create-tar`` removes the image its commit replaces (with any
+stamps a runner on this machine put on it), and ``delete`` removes every image of the
+environment, tagged or left dangling by an older version (:func:`hakuriver.images.prune_image`).
 
 ``delete`` asks nothing: it is a command for scripts as much as for people, and it
 prints what it removed. Exit codes: 0 done, 1 a failure (Docker unreachable, no such
@@ -102,16 +108,27 @@ def stop(config_file, name: str) -> None:
 
 @cli.command()
 @_name_argument
+@click.argument("command", nargs=-1)
 @click.pass_obj
-def shell(config_file, name: str) -> None:
-    """An interactive shell in the environment (bash if it has one, else sh)."""
+def shell(config_file, name: str, command: tuple[str, ...]) -> None:
+    """A shell in the environment (bash if it has one, else sh), or COMMAND.
+
+    Interactive when stdin is a terminal; otherwise the shell reads its commands from
+    stdin (``hakuriver.docker shell NAME < setup.sh``). Exits with the shell's or
+    COMMAND's exit code.
+    """
     _run(config_file, lambda docker, config: _start(docker, name, quiet=True))
     docker_cli = shutil.which("docker")
     if docker_cli is None:
-        _fail("the interactive shell needs the docker command line client; it is not installed", 1)
+        _fail("the shell needs the docker command line client; it is not installed", 1)
     sys.stdout.flush()
-    os.execvp(docker_cli, ["docker", "exec", "-it", env_container(name), "sh", "-c",
-                           "if [ -x /bin/bash ]; then exec /bin/bash; else exec /bin/sh; fi"])
+    os.execvp(docker_cli, shell_argv(name, command, terminal=sys.stdin.isatty()))
+
+
+def shell_argv(name: str, command: tuple[str, ...] = (), terminal: bool = False) -> list[str]:
+    """The ``docker exec`` command line of ``shell``: a terminal only when stdin is one."""
+    command = command or ("sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash; else exec /bin/sh; fi")
+    return ["docker", "exec", "-it" if terminal else "-i", env_container(name), *command]
 
 
 @cli.command("create-tar")
@@ -183,15 +200,22 @@ async def _stop(docker: "aiodocker.Docker", name: str) -> None:
 
 
 async def _create_tar(docker: "aiodocker.Docker", config: "Config", name: str) -> None:
-    from hakuriver.images import TIMESTAMP_LABEL, image_ref, tarball_dir, tarball_path, tarballs
+    from hakuriver.images import TIMESTAMP_LABEL, image_ref, prune_image, tarball_dir, tarball_path, tarballs
 
     info = await _require_container(docker, name)
+    previous = await _image_id(docker, image_ref(name))
     timestamp = int(time.time())
     # The label carries the tarball's timestamp so that a runner (this machine included)
     # sees the image as exactly as new as its tarball. CMD replaces the keep-alive sleep.
-    await docker.containers.container(info["Id"]).commit(
+    # The environment label names the image's environment (delete finds it even untagged).
+    committed = await docker.containers.container(info["Id"]).commit(
         repository=f"hakuriver/{name}", tag="base", message=f"hakuriver.docker create-tar {name}",
-        changes=[f"LABEL {TIMESTAMP_LABEL}={timestamp}", 'CMD ["/bin/sh"]'])
+        changes=[f"LABEL {TIMESTAMP_LABEL}={timestamp}", f"LABEL {ENV_LABEL}={name}", 'CMD ["/bin/sh"]'])
+    if previous is not None and previous != committed.get("Id"):
+        done, _ = await prune_image(docker, name, previous)
+        if not done:
+            _say(f"the image {image_ref(name)} replaced ({previous[:19]}) is still used by a container; "
+                 f"'hakuriver.docker delete {name}' or 'docker image prune' removes it later")
     directory = tarball_dir(config.paths.shared_dir)
     directory.mkdir(parents=True, exist_ok=True)
     target = tarball_path(config.paths.shared_dir, name, timestamp)
@@ -214,7 +238,10 @@ async def _list(docker: "aiodocker.Docker", config: "Config") -> None:
 
     containers = {}
     for container in await docker.containers.list(all=True, filters={"label": [ENV_LABEL]}):
-        containers[container["Labels"][ENV_LABEL]] = container["State"]
+        # task containers carry the label too (their image has it): only hakuriver-env-NAME counts
+        name = container["Labels"][ENV_LABEL]
+        if f"/{env_container(name)}" in (container["Names"] or []):
+            containers[name] = container["State"]
     images = set()
     for image in await docker.images.list(filters={"reference": ["hakuriver/*:base"]}):
         for tag in image.get("RepoTags") or []:
@@ -235,33 +262,43 @@ async def _list(docker: "aiodocker.Docker", config: "Config") -> None:
 
 
 async def _delete(docker: "aiodocker.Docker", config: "Config", name: str) -> None:
-    import aiodocker
-
-    from hakuriver.images import image_ref, tarballs
+    from hakuriver.images import prune_image, tarballs
 
     removed = []
     info = await _container_info(docker, name)
     if info is not None:
         await docker.containers.container(info["Id"]).delete(force=True)
         removed.append(f"container {env_container(name)}")
-    try:
-        image = await docker.images.inspect(image_ref(name))
-    except aiodocker.DockerError as exc:
-        if exc.status != 404:
-            raise
-    else:
-        # every tag of this environment (base and the runner's tarball stamps)
-        for tag in image.get("RepoTags") or []:
-            if tag.startswith(f"hakuriver/{name}:"):
-                await docker.images.delete(tag)
-                removed.append(f"image {tag}")
+    # every image of the environment: tagged hakuriver/NAME (base, a runner's tarball
+    # stamps), or left untagged by a create-tar or load of an older version
+    images = await docker.images.list(filters={"reference": [f"hakuriver/{name}"]})
+    images += await docker.images.list(filters={"label": [f"{ENV_LABEL}={name}"], "dangling": ["true"]})
+    kept = []
+    for image_id in dict.fromkeys(image["Id"] for image in images):
+        done, gone = await prune_image(docker, name, image_id, with_base=True)
+        removed += [f"image {what}" for what in gone]
+        if not done:
+            kept.append(image_id[:19])
     for tarball in tarballs(config.paths.shared_dir, name):
         tarball.path.unlink(missing_ok=True)
         removed.append(f"tarball {tarball.path}")
-    if not removed:
+    if not removed and not kept:
         raise Failure(f"no environment named '{name}'")
     for what in removed:
         _say(f"removed {what}")
+    if kept:
+        raise Failure(f"kept image(s) {', '.join(kept)} of environment '{name}': a container uses them")
+
+
+async def _image_id(docker: "aiodocker.Docker", ref: str) -> str | None:
+    import aiodocker
+
+    try:
+        return (await docker.images.inspect(ref))["Id"]
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 async def _container_info(docker: "aiodocker.Docker", name: str) -> dict[str, Any] | None:

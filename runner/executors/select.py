@@ -1,9 +1,15 @@
 """Which executors this node has, and which one runs a given task (docs/architecture.md).
 
 A task naming a container runs under ``docker``; a host task (``container`` is None)
-runs under ``systemd`` where systemd is PID 1, else as a ``process``. Docker is
-optional: it is imported and probed lazily and any failure there only means this
-node has no ``docker`` executor, so host tasks keep working.
+runs under ``systemd`` where systemd is PID 1, else as a ``process``.
+
+Docker comes and goes (it may start after the runner, restart, be stopped), so the
+``docker`` executor is always in the table and is asked each time whether it can take
+a task (:meth:`~runner.executors.docker.DockerExecutor.available`, its one check):
+container tasks are taken while Docker answers, and a runner restarted while Docker is
+away still has the executor to adopt its containers with once Docker is back. Only a
+machine where aiodocker cannot even be imported has no ``docker`` executor; host tasks
+never depend on Docker.
 """
 
 from __future__ import annotations
@@ -20,36 +26,37 @@ log = logging.getLogger(__name__)
 
 
 def available_executors(config: Config) -> dict[str, Executor]:
-    """Executor name → executor, for every executor this machine can use now."""
+    """Executor name → executor, for every executor this machine has (see :func:`usable`)."""
     # the runner's prefix names its cgroup parent, so runners of different fabrics never collide
     executors: dict[str, Executor] = {"process": ProcessExecutor(cgroup_parent=config.broker.prefix)}
     if SystemdExecutor.available():
         executors["systemd"] = SystemdExecutor(unit_prefix=f"{config.broker.prefix}-task")
-    docker = _docker_executor(config)
-    if docker is not None:
-        executors["docker"] = docker
+    try:
+        from runner.executors.docker import DockerExecutor
+    except ImportError as exc:  # a broken Docker client install must not take host tasks down with it
+        log.warning("docker executor unavailable: %s", exc)
+    else:
+        executors["docker"] = DockerExecutor(config)
     return executors
 
 
-def _docker_executor(config: Config) -> Executor | None:
-    try:
-        from runner.executors.docker import DockerExecutor
-
-        executor = DockerExecutor(config)
-        reachable = executor.is_reachable()
-    except Exception as exc:  # a broken Docker set-up must not take host tasks down with it
-        log.warning("docker executor unavailable: %s", exc)
-        return None
-    return executor if reachable else None
+def usable(executors: dict[str, Executor]) -> list[str]:
+    """The names of the executors that can take a task now (what the heartbeat reports)."""
+    return sorted(name for name, executor in executors.items() if executor.available())
 
 
-def executor_for(task: Task, executors: dict[str, Executor]) -> Executor:
-    """The executor for ``task``; :class:`TaskRejected` when this node cannot run its kind."""
+def executor_for(task: Task, executors: dict[str, Executor], now: bool = True) -> Executor:
+    """The executor for ``task``; :class:`TaskRejected` when this node cannot run its kind.
+
+    ``now``: it must be able to take the task now (when a task is accepted). A task
+    already accepted asks with ``now=False``: its executor waits for Docker to answer.
+    """
     if task.container is not None:
-        if "docker" not in executors:
+        docker = executors.get("docker")
+        if docker is None or (now and not docker.available()):
             raise TaskRejected(f"task {task.task_id} needs container {task.container!r}, "
                                "but Docker is not available on this node")
-        return executors["docker"]
+        return docker
     for name in ("systemd", "process"):
         if name in executors:
             return executors[name]
