@@ -36,10 +36,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from hakuriver import broker
 from hakuriver.config import Config, ConfigError, load_config
-from hakuriver.host.ingest import Malformed, parse_event
+from hakuriver.host.ingest import Ingested, Malformed, parse_event
 from hakuriver.host.ledger import Ledger
 from hakuriver.host.queries import LedgerChanges, Queries
-from hakuriver.messages import Heartbeat, RpcReply, RpcRequest, StateEvent, one_line
+from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line
 from hakuriver.outbox import Outbox
 from hakuriver.topology import Topology
 
@@ -199,7 +199,7 @@ class Host:
         return batch
 
     async def _ingest(self, batch: list[AbstractIncomingMessage]) -> None:
-        parsed: list[tuple[AbstractIncomingMessage, Any]] = []
+        parsed: list[tuple[AbstractIncomingMessage, Ingested]] = []
         for message in batch:
             try:
                 parsed.append((message, parse_event(message.routing_key or "", message.headers, message.body,
@@ -209,7 +209,7 @@ class Host:
         if not parsed:
             return
         try:
-            await self._store([item for _, item in parsed])
+            await self._store(Ingested.combine(item for _, item in parsed))
         except (SQLAlchemyError, OSError) as exc:
             if _transient(exc):
                 await self._requeue_and_pause(parsed[-1][0], len(parsed), exc)
@@ -224,24 +224,20 @@ class Host:
         await self._settle(last, requeue=True)
         await asyncio.sleep(1.0)
 
-    async def _store_one_by_one(self, parsed: list[tuple[AbstractIncomingMessage, Any]]) -> None:
+    async def _store_one_by_one(self, parsed: list[tuple[AbstractIncomingMessage, Ingested]]) -> None:
         # Some message the database refuses: store one at a time, dead-letter the culprit.
         log.warning("a batch failed; storing its %d messages one by one", len(parsed), exc_info=True)
         for message, item in parsed:
             try:
-                await self._store([item])
+                await self._store(item)
             except SQLAlchemyError as exc:
                 await self._dead_letter(message, f"the ledger refused it: {one_line(exc)}")
             else:
                 await self._settle(message, multiple=False)
 
-    async def _store(self, items: list[Any]) -> None:
-        events = [item for item in items if isinstance(item, StateEvent)]
-        beats = [item for item in items if isinstance(item, Heartbeat)]
-        chunks = [item for item in items if isinstance(item, tuple)]
-        result = await self.ledger.ingest(events, chunks, beats)
-        self.events_applied += result.states_applied
-        self.messages_ingested += len(items)
+    async def _store(self, ingested: Ingested) -> None:
+        self.events_applied += await self.ledger.ingest(ingested.events, ingested.chunks, ingested.heartbeats)
+        self.messages_ingested += len(ingested)
         await self._notify_changed()
 
     async def _settle(self, message: AbstractIncomingMessage, multiple: bool = True, requeue: bool | None = None) -> None:
