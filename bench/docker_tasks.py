@@ -62,7 +62,7 @@ async def _single_pairs(cluster: Cluster, runs: int) -> tuple[list[float], list[
     raw, fabric = [], []
     docker = aiodocker.Docker()
     try:
-        async with Client(cluster.config) as client:
+        async with Client(cluster.load_config()) as client:
             spec = TaskSpec(command="echo", args=["hi"], container=CONTAINER)
             for attempt in range(runs + 1):
                 start = time.perf_counter()
@@ -83,7 +83,7 @@ async def _single_pairs(cluster: Cluster, runs: int) -> tuple[list[float], list[
 async def _fabric_many(cluster: Cluster, count: int) -> float:
     from client.api import Client, TaskSpec
 
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         tasks = client.make_tasks(TaskSpec(command="echo", args=["hi"], container=CONTAINER, cores=1),
                                   ["node1"], [["hi"]] * count)
         start = time.perf_counter()

@@ -27,7 +27,7 @@ PUBLISH_WINDOW = 1_000
 def _template_task(cluster: Cluster):
     from client.api import Client, TaskSpec
 
-    return Client(cluster.config).make_tasks(TaskSpec(command="python", args=["train.py", "--lr", "0.1"]),
+    return Client(cluster.load_config()).make_tasks(TaskSpec(command="python", args=["train.py", "--lr", "0.1"]),
                                              ["node1"])[0]
 
 
@@ -37,7 +37,7 @@ async def _fill(cluster: Cluster, count: int) -> float:
     from hakuriver.messages import StateEvent
     from hakuriver.states import TaskState
 
-    config = cluster.config
+    config = cluster.load_config()
     ledger = Ledger(config.database_url, Path(config.paths.state_dir) / "logs")
     await ledger.open()
     template = _template_task(cluster)

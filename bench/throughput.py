@@ -36,7 +36,7 @@ async def _spawn_true(count: int, at_once: int) -> float:
 async def _run_tasks(cluster: Cluster, count: int) -> float:
     from client.api import Client, TaskSpec
 
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         tasks = client.make_tasks(TaskSpec(command="true", args=[], cores=1), ["node1"],
                                   [[str(i)] for i in range(count)])
         tasks = [t.model_copy(update={"args": []}) for t in tasks]
@@ -88,7 +88,7 @@ async def _raw_publish_rate(prefix: str, count: int, body: bytes) -> float:
 def _task_body(cluster: Cluster) -> bytes:
     from client.api import Client, TaskSpec
 
-    client = Client(cluster.config)
+    client = Client(cluster.load_config())
     task = client.make_tasks(TaskSpec(command="true", args=["9999"]), ["node1"])[0]
     return task.to_bytes()
 
