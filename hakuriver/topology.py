@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 POOL_KEY = "any"          # tasks exchange: the shared pool queue
 ALL_NODES_KEY = "all"     # control exchange: every runner
@@ -39,16 +39,15 @@ NODE_EVENTS = "node.#"            # every node's heartbeats
 EVERY_TASK_STATE = "task.*.state"  # every task's state events only
 
 
-@dataclass(frozen=True)
-class TaskKey:
+# Named tuples, not dataclasses: the host parses a key per message, thousands a second.
+class TaskKey(NamedTuple):
     """``task.<id>.<stream>``: a task's state event or a chunk of its output."""
 
     task_id: int
     stream: TaskStream
 
 
-@dataclass(frozen=True)
-class NodeKey:
+class NodeKey(NamedTuple):
     """``node.<node>.heartbeat``: a runner's heartbeat."""
 
     node: str
@@ -125,16 +124,16 @@ class Topology:
     @staticmethod
     def parse_key(key: str) -> TaskKey | NodeKey:
         """An events-exchange routing key as built above; ValueError naming any other key."""
-        kind, _, rest = key.partition(".")
-        if kind == "node":
-            node, _, suffix = rest.rpartition(".")
-            if suffix == "heartbeat" and node:
-                return NodeKey(node)
-        elif kind == "task":
-            task_id, _, stream = rest.partition(".")
-            # isdigit() alone takes other scripts' digits ("²"); int() of those fails.
-            if task_id.isascii() and task_id.isdigit() and stream in TASK_STREAMS:
+        parts = key.split(".")
+        if parts[0] == "task" and len(parts) == 3:
+            task_id, stream = parts[1], parts[2]
+            # isdigit() alone takes other scripts' digits ("²"), which int() refuses.
+            if stream in TASK_STREAMS and task_id.isdigit() and task_id.isascii():
                 return TaskKey(int(task_id), stream)
+        elif parts[0] == "node" and parts[-1] == "heartbeat" and len(parts) > 2:
+            node = key[len("node."):-len(".heartbeat")]  # a node name may hold dots
+            if node:
+                return NodeKey(node)
         raise ValueError(f"unknown routing key {key!r}")
 
     @property

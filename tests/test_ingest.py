@@ -53,14 +53,16 @@ def test_a_heartbeat():
     assert parse_event(Topology.heartbeat_key("gpu.box"), None, beat.to_bytes()) == Ingested(heartbeats=[beat])
 
 
-def test_a_batch_is_the_sum_of_its_messages_in_order():
+def test_a_batch_collects_its_messages_by_kind_in_order_and_a_refused_one_adds_nothing():
     one = StateEvent(task_id=1, state=TaskState.QUEUED, seq=1, time=1.0)
     two = StateEvent(task_id=2, state=TaskState.QUEUED, seq=1, time=1.0)
     beat = Heartbeat(node="n", time=1.0, **BEAT)
-    parts = [parse_event(Topology.state_key(1), None, one.to_bytes()),
-             parse_event(Topology.heartbeat_key("n"), None, beat.to_bytes()),
-             parse_event(Topology.state_key(2), None, two.to_bytes())]
-    batch = Ingested.combine(parts)
+    batch = Ingested()
+    assert parse_event(Topology.state_key(1), None, one.to_bytes(), into=batch) is batch
+    parse_event(Topology.heartbeat_key("n"), None, beat.to_bytes(), into=batch)
+    with pytest.raises(Malformed):
+        parse_event(Topology.state_key(3), None, one.to_bytes(), into=batch)  # task 1's event on task 3's key
+    parse_event(Topology.state_key(2), None, two.to_bytes(), into=batch)
     assert batch == Ingested(events=[one, two], heartbeats=[beat]) and len(batch) == 3
 
 

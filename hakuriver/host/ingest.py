@@ -5,15 +5,15 @@ event, an output chunk, a heartbeat), told apart by exchange and routing key. Ev
 that makes a message unusable (wrong key for its body, numbers past 64 bits, bad JSON)
 lives here, so the service only stores what passed and dead-letters the rest with the reason.
 
-What passed is an :class:`Ingested`: the messages sorted by kind into typed lists, which is
-what :meth:`hakuriver.host.ledger.Ledger.ingest` takes. One message gives one; a batch is
-their sum (:meth:`Ingested.combine`), so nothing downstream sorts a list of anything by type.
+What passed goes into an :class:`Ingested`: the messages sorted by kind into typed lists,
+which is what :meth:`hakuriver.host.ledger.Ledger.ingest` takes, so nothing downstream
+sorts a list of anything by type. The service parses a whole batch into one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task, one_line
 from hakuriver.states import TaskState
@@ -38,47 +38,45 @@ class Ingested:
     def __len__(self) -> int:
         return len(self.events) + len(self.chunks) + len(self.heartbeats)
 
-    @classmethod
-    def combine(cls, parts: Iterable[Ingested]) -> Ingested:
-        whole = cls()
-        for part in parts:
-            whole.events += part.events
-            whole.chunks += part.chunks
-            whole.heartbeats += part.heartbeats
-        return whole
-
 
 # -- what arrives on the ledger queue ------------------------------------------------
 
-def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False) -> Ingested:
-    """Decode one ledger-queue message; :class:`Malformed` with the reason if it is unusable.
+def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False,
+                into: Ingested | None = None) -> Ingested:
+    """Decode one ledger-queue message and add it to ``into`` (a new :class:`Ingested` by
+    default), which is returned; :class:`Malformed` with the reason, and nothing added, if
+    the message is unusable.
 
     ``from_tasks``: the message came from the tasks exchange (runners bind the ledger
     there too), so it is a task as submitted: its ``pending`` event.
     """
+    batch = Ingested() if into is None else into
     try:
         if from_tasks:
             task = Task.from_bytes(body)
             event = StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
                                time=task.submitted_at)
             _check_state_event(event, task.task_id)
-            return Ingested(events=[event])
+            batch.events.append(event)
+            return batch
         key = Topology.parse_key(routing_key)
         if isinstance(key, NodeKey):
             beat = Heartbeat.from_bytes(body)
             if beat.node != key.node:
                 raise Malformed(f"heartbeat of node {beat.node!r} on routing key {routing_key!r}")
-            return Ingested(heartbeats=[beat])
-        if key.stream == "state":
+            batch.heartbeats.append(beat)
+        elif key.stream == "state":
             event = StateEvent.from_bytes(body)
             _check_state_event(event, key.task_id)
-            return Ingested(events=[event])
-        chunk = OutputChunk.from_headers(headers or {}, body)
-        if chunk.task_id != key.task_id or chunk.stream != key.stream:
-            raise Malformed(f"output chunk of task {chunk.task_id} {chunk.stream} on routing key {routing_key!r}")
-        if chunk.offset + len(body) >= MAX_OUTPUT_END:
-            raise Malformed(f"output offset {chunk.offset} is out of range")
-        return Ingested(chunks=[(chunk, body)])
+            batch.events.append(event)
+        else:
+            chunk = OutputChunk.from_headers(headers or {}, body)
+            if chunk.task_id != key.task_id or chunk.stream != key.stream:
+                raise Malformed(f"output chunk of task {chunk.task_id} {chunk.stream} on routing key {routing_key!r}")
+            if chunk.offset + len(body) >= MAX_OUTPUT_END:
+                raise Malformed(f"output offset {chunk.offset} is out of range")
+            batch.chunks.append((chunk, body))
+        return batch
     except Malformed:
         raise
     except ValueError as exc:  # an unknown key; pydantic's ValidationError is one too
