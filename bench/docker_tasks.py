@@ -12,7 +12,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench.harness import Cluster, Row, latency, median, ms, say
+from bench.harness import Cluster, Row, latency, median, ms, say, submit_and_wait
 
 IMAGE = "hakuriver/hakuriver-base:base"
 CONTAINER = "hakuriver-base"
@@ -86,11 +86,7 @@ async def _fabric_many(cluster: Cluster, count: int) -> float:
     async with Client(cluster.load_config()) as client:
         tasks = client.make_tasks(TaskSpec(command="echo", args=["hi"], container=CONTAINER, cores=1),
                                   ["node1"], [["hi"]] * count)
-        start = time.perf_counter()
-        waiter = await client.waiter([t.task_id for t in tasks])
-        await client.submit(tasks)
-        results = await waiter.wait(300)
-        elapsed = time.perf_counter() - start
+        elapsed, results = await submit_and_wait(client, tasks)
     _check(results)
     return elapsed
 

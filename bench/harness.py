@@ -98,6 +98,15 @@ def time_command(argv: list[str], env: dict[str, str] | None = None, runs: int =
     return samples
 
 
+async def submit_and_wait(client, tasks: list, timeout: float = 300) -> tuple[float, dict]:
+    """Seconds from subscribing to the last terminal event of ``tasks`` (one submission), and their results."""
+    start = time.perf_counter()
+    waiter = await client.waiter([t.task_id for t in tasks])
+    await client.submit(tasks)
+    results = await waiter.wait(timeout)
+    return time.perf_counter() - start, results
+
+
 # ---- a private cluster ---------------------------------------------------------------
 
 class Cluster(local_cluster.Cluster):

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.harness import BIN, BROKER_URL, Cluster, Row, say
+from bench.harness import BIN, BROKER_URL, Cluster, Row, say, submit_and_wait
 
 TASKS = 1000
 SWEEP = 10_000
@@ -41,11 +41,7 @@ async def _run_tasks(cluster: Cluster, count: int) -> float:
                                   [[str(i)] for i in range(count)])
         tasks = [t.model_copy(update={"args": []}) for t in tasks]
         await client.check_targets(tasks)
-        start = time.perf_counter()
-        waiter = await client.waiter([t.task_id for t in tasks])
-        await client.submit(tasks)
-        results = await waiter.wait(300)
-        elapsed = time.perf_counter() - start
+        elapsed, results = await submit_and_wait(client, tasks)
     bad = [r for r in results.values() if r.state.value != "completed"]
     if bad:
         raise RuntimeError(f"{len(bad)} tasks did not complete, e.g. {bad[0]}")
