@@ -12,7 +12,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench.harness import Cluster, Row, latency, median, ms, say
+from bench.harness import Cluster, Row, latency, median, ms, say, submit_and_wait
 
 IMAGE = "hakuriver/hakuriver-base:base"
 CONTAINER = "hakuriver-base"
@@ -62,7 +62,7 @@ async def _single_pairs(cluster: Cluster, runs: int) -> tuple[list[float], list[
     raw, fabric = [], []
     docker = aiodocker.Docker()
     try:
-        async with Client(cluster.config) as client:
+        async with Client(cluster.load_config()) as client:
             spec = TaskSpec(command="echo", args=["hi"], container=CONTAINER)
             for attempt in range(runs + 1):
                 start = time.perf_counter()
@@ -83,14 +83,10 @@ async def _single_pairs(cluster: Cluster, runs: int) -> tuple[list[float], list[
 async def _fabric_many(cluster: Cluster, count: int) -> float:
     from client.api import Client, TaskSpec
 
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         tasks = client.make_tasks(TaskSpec(command="echo", args=["hi"], container=CONTAINER, cores=1),
                                   ["node1"], [["hi"]] * count)
-        start = time.perf_counter()
-        waiter = await client.waiter([t.task_id for t in tasks])
-        await client.submit(tasks)
-        results = await waiter.wait(300)
-        elapsed = time.perf_counter() - start
+        elapsed, results = await submit_and_wait(client, tasks)
     _check(results)
     return elapsed
 

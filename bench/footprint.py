@@ -32,7 +32,7 @@ async def _print_gib(cluster: Cluster, runner_pid: int) -> tuple[list[float], fl
     from client.api import Client, TaskSpec
 
     samples: list[float] = []
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         tasks = client.make_tasks(TaskSpec(command="head", args=["-c", str(GIB), "/dev/zero"]), ["node1"])
         waiter = await client.waiter([tasks[0].task_id])
         start = time.perf_counter()

@@ -4,27 +4,26 @@ Why it exists: each section starts the real processes it needs (``hakuriver.host
 ``hakuriver.runner``, ``hakuriver.client`` from the same bin dir as this Python) under a
 broker prefix of its own, measures, and tears everything down, so sections never see
 each other's queues and a crashed section leaves nothing behind on the shared broker.
+The cluster is the tests' own :class:`harness.local_cluster.Cluster`, with bench's settings.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-BROKER_URL = os.environ.get("HAKURIVER_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+from harness import local_cluster
+from harness.local_cluster import BIN  # noqa: F401  (the sections find the commands through bench.harness)
 
-from harness.local_cluster import delete_prefix, write_config  # noqa: E402
+BROKER_URL = os.environ.get("HAKURIVER_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Slower heartbeats than the tests' (which want offline detection fast): a benchmark
+# measures the work, not the bookkeeping. Keep as is, or figures stop being comparable.
+TIMING = {"heartbeat_interval": 1.0, "heartbeat_timeout_factor": 5, "kill_grace": 2.0}
 
 
 # ---- statistics ----------------------------------------------------------------------
@@ -99,97 +98,20 @@ def time_command(argv: list[str], env: dict[str, str] | None = None, runs: int =
     return samples
 
 
+async def submit_and_wait(client, tasks: list, timeout: float = 300) -> tuple[float, dict]:
+    """Seconds from subscribing to the last terminal event of ``tasks`` (one submission), and their results."""
+    start = time.perf_counter()
+    waiter = await client.waiter([t.task_id for t in tasks])
+    await client.submit(tasks)
+    results = await waiter.wait(timeout)
+    return time.perf_counter() - start, results
+
+
 # ---- a private cluster ---------------------------------------------------------------
 
-class Cluster:
-    """A host and runners as real processes under one private broker prefix."""
+class Cluster(local_cluster.Cluster):
+    """The local cluster under an ``hkb-`` prefix on the bench broker, with bench's timing."""
 
     def __init__(self, root: Path, nodes: list[str], **sections: dict):
-        self.root = root
-        self.nodes = nodes
-        self.prefix = f"hkb-{uuid.uuid4().hex[:8]}"
-        root.mkdir(parents=True, exist_ok=True)
-        for sub in ("shared", "tmp", "state"):
-            (root / sub).mkdir(exist_ok=True)
-        sections.setdefault("timing", {"heartbeat_interval": 1.0, "heartbeat_timeout_factor": 5, "kill_grace": 2.0})
-        self.config_path = write_config(root / "config.toml", self.prefix, root, broker_url=BROKER_URL, **sections)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
-        self.env["HAKURIVER_CONFIG"] = str(self.config_path)
-        self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '/usr/bin:/bin')}"
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    @property
-    def config(self):
-        from hakuriver.config import load_config
-
-        return load_config(str(self.config_path), environ={})
-
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=self.root)
-        self.processes[name] = proc
-        return proc
-
-    def start_host(self) -> subprocess.Popen:
-        return self._spawn("host", [str(BIN / "hakuriver.host")])
-
-    def start_runner(self, node: str) -> subprocess.Popen:
-        return self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node])
-
-    def start(self, host: bool = True, timeout: float = 30) -> "Cluster":
-        if host:
-            self.start_host()
-        for node in self.nodes:
-            self.start_runner(node)
-        if host:
-            self.wait_online(self.nodes, timeout)
-        return self
-
-    def stop_process(self, name: str, timeout: float = 15) -> None:
-        proc = self.processes.pop(name)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def stop(self) -> None:
-        for name in list(self.processes):
-            self.stop_process(name)
-        try:
-            asyncio.run(delete_prefix(self.prefix, self.nodes, url=BROKER_URL))
-        except Exception as exc:  # never let clean-up hide a section's figures
-            say(f"could not delete broker prefix {self.prefix}: {exc}")
-        try:
-            from runner.cgroups import open_cgroups
-
-            open_cgroups(parent=self.prefix).remove_parent()
-        except Exception:
-            pass
-
-    def __enter__(self) -> "Cluster":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "hakuriver.client"), *args], env=self.env, capture_output=True,
-                              timeout=timeout)
-
-    def node_states(self) -> dict[str, bool]:
-        result = self.cli("--list-nodes", "--json", timeout=20)
-        if result.returncode != 0:
-            return {}
-        return {n["name"]: n["online"] for n in json.loads(result.stdout)["nodes"]}
-
-    def wait_online(self, nodes: list[str], timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(self.node_states().get(n) for n in nodes):
-            if time.monotonic() > deadline:
-                logs = "".join((self.root / f"{n}.log").read_text()[-500:] for n in ["host", *nodes]
-                               if (self.root / f"{n}.log").exists())
-                raise RuntimeError(f"nodes {nodes} not online after {timeout} s; logs: {logs}")
-            time.sleep(0.1)
+        sections.setdefault("timing", TIMING)
+        super().__init__(root, nodes, prefix_stem="hkb", broker_url=BROKER_URL, **sections)

@@ -80,7 +80,7 @@ async def _api_round_trips(cluster: Cluster) -> list[float]:
     from client.api import Client, TaskSpec
 
     samples = []
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         spec = TaskSpec(command="true", args=[])
         for attempt in range(API_RUNS + 5):
             start = time.perf_counter()

@@ -12,10 +12,12 @@ durable ledger queue while the host is down, then the host is started and its ow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
 from bench.harness import BIN, BROKER_URL, Cluster, Row, latency, p95, say, time_command
+from harness.local_cluster import wait_until_async
 
 LEDGER_TASKS = 100_000
 FILL_BATCH = 5_000
@@ -27,7 +29,7 @@ PUBLISH_WINDOW = 1_000
 def _template_task(cluster: Cluster):
     from client.api import Client, TaskSpec
 
-    return Client(cluster.config).make_tasks(TaskSpec(command="python", args=["train.py", "--lr", "0.1"]),
+    return Client(cluster.load_config()).make_tasks(TaskSpec(command="python", args=["train.py", "--lr", "0.1"]),
                                              ["node1"])[0]
 
 
@@ -37,7 +39,7 @@ async def _fill(cluster: Cluster, count: int) -> float:
     from hakuriver.messages import StateEvent
     from hakuriver.states import TaskState
 
-    config = cluster.config
+    config = cluster.load_config()
     ledger = Ledger(config.database_url, Path(config.paths.state_dir) / "logs")
     await ledger.open()
     template = _template_task(cluster)
@@ -88,8 +90,9 @@ async def _publish_life_cycles(cluster: Cluster, tasks: int) -> int:
     return len(bodies)
 
 
-async def _ingestion_rate(cluster: Cluster, total: int, timeout: float = 120) -> tuple[float, int, float]:
-    """(events/s, events counted in the rate, seconds) from the host's first visible progress to the end."""
+@contextlib.asynccontextmanager
+async def _host_health(cluster: Cluster):
+    """A coroutine function asking the cluster's host for its health: the answer, or None while it does not answer."""
     import aio_pika
 
     from hakuriver import rpc
@@ -97,18 +100,28 @@ async def _ingestion_rate(cluster: Cluster, total: int, timeout: float = 120) ->
     from hakuriver.topology import Topology
 
     topo = Topology(cluster.prefix)
-    connection = await aio_pika.connect(BROKER_URL)
-    async with connection:
+    async with await aio_pika.connect(BROKER_URL) as connection:
         channel = await connection.channel()
+
+        async def health(timeout: float) -> dict | None:
+            try:
+                return await rpc.call(channel, topo, "health", {"node": None}, timeout=timeout)
+            except HostUnavailable:
+                return None
+        yield health
+
+
+async def _ingestion_rate(cluster: Cluster, total: int, timeout: float = 120) -> tuple[float, int, float]:
+    """(events/s, events counted in the rate, seconds) from the host's first visible progress to the end."""
+    async with _host_health(cluster) as health:
         first: tuple[float, int] | None = None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                health = await rpc.call(channel, topo, "health", {"node": None}, timeout=5)
-            except HostUnavailable:
+            answer = await health(5)
+            if answer is None:
                 await asyncio.sleep(0.05)
                 continue
-            done, now = health["host"]["messages_ingested"], time.perf_counter()
+            done, now = answer["host"]["messages_ingested"], time.perf_counter()
             if first is None and done > 0:
                 first = (now, done)
             if done >= total:
@@ -153,22 +166,5 @@ LEDGER_LABEL = f"{LEDGER_TASKS:,}"
 
 
 async def _ingestion_wait_ready(cluster: Cluster, timeout: float = 30) -> None:
-    import aio_pika
-
-    from hakuriver import rpc
-    from hakuriver.rpc import HostUnavailable
-    from hakuriver.topology import Topology
-
-    topo = Topology(cluster.prefix)
-    connection = await aio_pika.connect(BROKER_URL)
-    async with connection:
-        channel = await connection.channel()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await rpc.call(channel, topo, "health", {"node": None}, timeout=2)
-                return
-            except HostUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+    async with _host_health(cluster) as health:
+        await wait_until_async(lambda: health(2), timeout, "the host answering", interval=0.1)

@@ -25,7 +25,7 @@ async def _trace(cluster: Cluster, runs: int) -> list[dict[str, float]]:
     from client.api import Client, TaskSpec
 
     traces = []
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         spec = TaskSpec(command="true", args=[])
         for attempt in range(runs + 5):
             marks: dict[str, float] = {}

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.harness import BIN, BROKER_URL, Cluster, Row, say
+from bench.harness import BIN, BROKER_URL, Cluster, Row, say, submit_and_wait
 
 TASKS = 1000
 SWEEP = 10_000
@@ -36,16 +36,12 @@ async def _spawn_true(count: int, at_once: int) -> float:
 async def _run_tasks(cluster: Cluster, count: int) -> float:
     from client.api import Client, TaskSpec
 
-    async with Client(cluster.config) as client:
+    async with Client(cluster.load_config()) as client:
         tasks = client.make_tasks(TaskSpec(command="true", args=[], cores=1), ["node1"],
                                   [[str(i)] for i in range(count)])
         tasks = [t.model_copy(update={"args": []}) for t in tasks]
         await client.check_targets(tasks)
-        start = time.perf_counter()
-        waiter = await client.waiter([t.task_id for t in tasks])
-        await client.submit(tasks)
-        results = await waiter.wait(300)
-        elapsed = time.perf_counter() - start
+        elapsed, results = await submit_and_wait(client, tasks)
     bad = [r for r in results.values() if r.state.value != "completed"]
     if bad:
         raise RuntimeError(f"{len(bad)} tasks did not complete, e.g. {bad[0]}")
@@ -88,7 +84,7 @@ async def _raw_publish_rate(prefix: str, count: int, body: bytes) -> float:
 def _task_body(cluster: Cluster) -> bytes:
     from client.api import Client, TaskSpec
 
-    client = Client(cluster.config)
+    client = Client(cluster.load_config())
     task = client.make_tasks(TaskSpec(command="true", args=["9999"]), ["node1"])[0]
     return task.to_bytes()
 

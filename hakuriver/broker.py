@@ -13,7 +13,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from hakuriver.topology import Topology
+from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ async def declare_exchanges(channel: AbstractChannel, topo: Topology) -> Exchang
 
 async def declare_pool_queue(channel: AbstractChannel, topo: Topology, exchanges: Exchanges):
     queue = await channel.declare_queue(topo.pool, durable=True, arguments=topo.dead_letter_args)
-    await queue.bind(exchanges.tasks, "any")
+    await queue.bind(exchanges.tasks, POOL_KEY)
     return queue
 
 
@@ -94,6 +94,6 @@ async def declare_ledger_queue(channel: AbstractChannel, topo: Topology, exchang
     """The host's durable inbox of every event. Publishers declare it too, so events
     published before the host first starts are kept for it."""
     queue = await channel.declare_queue(topo.ledger, durable=True, arguments=topo.dead_letter_args)
-    await queue.bind(exchanges.events, "task.#")
-    await queue.bind(exchanges.events, "node.#")
+    await queue.bind(exchanges.events, TASK_EVENTS)
+    await queue.bind(exchanges.events, NODE_EVENTS)
     return queue

@@ -33,7 +33,3 @@ def new_id() -> int:
         _last_ms = now
         return (now << 22) | (_PROCESS_BITS << 10) | _counter
 
-
-def id_time(task_id: int) -> float:
-    """The UNIX time (seconds) at which ``task_id`` was made."""
-    return ((task_id >> 22) + EPOCH_MS) / 1000

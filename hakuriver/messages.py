@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from hakuriver.states import TaskState
+from hakuriver.topology import target_key
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20        # any JSON message
@@ -107,7 +108,7 @@ class Task(Message):
 
     @property
     def routing_key(self) -> str:
-        return self.target if self.numa is None else f"{self.target}:{self.numa}"
+        return target_key(self.target, self.numa)
 
 
 class StateEvent(Message):

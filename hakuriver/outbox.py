@@ -52,9 +52,6 @@ class Outbox:
         self._wakeup.set()
         return cursor.lastrowid
 
-    def pending(self) -> int:
-        return self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-
     async def wait_confirmed(self, row_id: int) -> None:
         if row_id <= self._confirmed_upto:
             return

@@ -14,16 +14,43 @@ Exchanges:
 Queues:
   <p>.rpc             the host's RPC requests
   <p>.nodeinfo.<node> holds a runner's latest NodeInfo (max one message), read by clients
+
+Every routing key is built *and* parsed here: a key written by one process and read by
+another has one definition, so the two can never drift apart. :meth:`Topology.parse_key`
+turns an events-exchange key back into a small typed value (:class:`TaskKey` or
+:class:`NodeKey`); :func:`parse_target` does the same for a task target.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
-POOL_KEY = "any"
-ALL_NODES_KEY = "all"
+POOL_KEY = "any"          # tasks exchange: the shared pool queue
+ALL_NODES_KEY = "all"     # control exchange: every runner
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+TaskStream = Literal["state", "stdout", "stderr"]
+TASK_STREAMS: tuple[TaskStream, ...] = ("state", "stdout", "stderr")
+# Bindings on the events exchange (topic patterns).
+TASK_EVENTS = "task.#"            # every task's state events and output
+NODE_EVENTS = "node.#"            # every node's heartbeats
+EVERY_TASK_STATE = "task.*.state"  # every task's state events only
+
+
+# Named tuples, not dataclasses: the host parses a key per message, thousands a second.
+class TaskKey(NamedTuple):
+    """``task.<id>.<stream>``: a task's state event or a chunk of its output."""
+
+    task_id: int
+    stream: TaskStream
+
+
+class NodeKey(NamedTuple):
+    """``node.<node>.heartbeat``: a runner's heartbeat."""
+
+    node: str
 
 
 def parse_target(text: str) -> tuple[str, int | None]:
@@ -34,6 +61,11 @@ def parse_target(text: str) -> tuple[str, int | None]:
     if node == POOL_KEY and sep:
         raise ValueError(f"invalid target {text!r}: the pool takes no NUMA id")
     return node, int(numa) if sep else None
+
+
+def target_key(node: str, numa: int | None = None) -> str:
+    """The tasks-exchange key of a target: ``NODE`` or ``NODE:NUMA`` (the inverse of :func:`parse_target`)."""
+    return node if numa is None else f"{node}:{numa}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +120,21 @@ class Topology:
     @staticmethod
     def heartbeat_key(node: str) -> str:
         return f"node.{node}.heartbeat"
+
+    @staticmethod
+    def parse_key(key: str) -> TaskKey | NodeKey:
+        """An events-exchange routing key as built above; ValueError naming any other key."""
+        parts = key.split(".")
+        if parts[0] == "task" and len(parts) == 3:
+            task_id, stream = parts[1], parts[2]
+            # isdigit() alone takes other scripts' digits ("²"), which int() refuses.
+            if stream in TASK_STREAMS and task_id.isdigit() and task_id.isascii():
+                return TaskKey(int(task_id), stream)
+        elif parts[0] == "node" and parts[-1] == "heartbeat" and len(parts) > 2:
+            node = key[len("node."):-len(".heartbeat")]  # a node name may hold dots
+            if node:
+                return NodeKey(node)
+        raise ValueError(f"unknown routing key {key!r}")
 
     @property
     def dead_letter_args(self) -> dict:

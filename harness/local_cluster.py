@@ -1,13 +1,18 @@
-"""A local cluster of real processes for tests: host and runners under a private broker prefix.
+"""A local cluster of real processes for tests and benchmarks: host and runners under a private broker prefix.
 
 :class:`Cluster` starts ``hakuriver.host`` and ``hakuriver.runner`` processes against the real
 RabbitMQ under a prefix of their own, runs the real CLI against them, and deletes everything it
-declared on the broker when stopped. Tests and bench import it as ``from harness.local_cluster import ...``.
+declared on the broker when stopped. Tests and bench import it as ``from harness.local_cluster import ...``
+(bench only sets its own prefix stem, broker URL and heartbeat timing).
+
+:func:`wait_until` (and :func:`wait_until_async`, for tests inside an event loop) is the one way
+tests wait for something that happens elsewhere: poll, and fail naming what never came.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -16,13 +21,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 BROKER_URL = os.environ.get("HAKURIVER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BIN = Path(sys.executable).parent
 
 
-def unique_prefix() -> str:
-    return f"hkt-{uuid.uuid4().hex[:8]}"
+def unique_prefix(stem: str = "hkt") -> str:
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
 async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL) -> None:
@@ -51,16 +57,39 @@ async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL) ->
                 pass
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+class _Deadline:
+    def __init__(self, timeout: float, what: str):
+        self.timeout, self.what = timeout, what
+        self.at = time.monotonic() + timeout
+
+    def check(self, last: Any) -> None:
+        if time.monotonic() > self.at:
+            raise AssertionError(f"timed out after {self.timeout} s waiting for {self.what} (last: {last!r})")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition", interval: float = 0.1):
     """Poll ``predicate`` until it returns something truthy (and return that); fail naming ``what``."""
-    deadline = time.monotonic() + timeout
+    deadline = _Deadline(timeout, what)
     while True:
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        deadline.check(value)
         time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition",
+                           interval: float = 0.02):
+    """:func:`wait_until` inside an event loop: sleeps without blocking it; ``predicate`` may be async."""
+    deadline = _Deadline(timeout, what)
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        deadline.check(value)
+        await asyncio.sleep(interval)
 
 
 def write_config(path: Path, prefix: str, root: Path, broker_url: str = BROKER_URL, **sections: dict) -> Path:
@@ -83,36 +112,54 @@ def write_config(path: Path, prefix: str, root: Path, broker_url: str = BROKER_U
 
 
 class Cluster:
-    """A host and runners as real processes, and the real CLI, under one private prefix."""
+    """A host and runners as real processes, and the real CLI, under one private prefix.
 
-    def __init__(self, root: Path, nodes: list[str], **sections: dict):
+    ``sections`` add to or override the config (see :func:`write_config`); ``prefix_stem``
+    and ``broker_url`` let bench keep its queues apart from the tests'.
+    """
+
+    def __init__(self, root: Path, nodes: list[str], *, prefix_stem: str = "hkt", broker_url: str = BROKER_URL,
+                 **sections: dict):
         self.root = root
         self.nodes = nodes
-        self.prefix = unique_prefix()
+        self.prefix = unique_prefix(prefix_stem)
+        self.broker_url = broker_url
         root.mkdir(parents=True, exist_ok=True)
-        self.config = write_config(root / "config.toml", self.prefix, root, **sections)
+        for sub in ("shared", "tmp", "state"):
+            (root / sub).mkdir(exist_ok=True)
+        self.config = write_config(root / "config.toml", self.prefix, root, broker_url=broker_url, **sections)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
         self.env["HAKURIVER_CONFIG"] = str(self.config)
         self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '/usr/bin:/bin')}"  # tasks find hakurun, python
         self.processes: dict[str, subprocess.Popen] = {}
 
+    def load_config(self):
+        """The cluster's config as its processes read it (for an in-process API client)."""
+        from hakuriver.config import load_config
+
+        return load_config(str(self.config), environ={})
+
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=self.root)
         self.processes[name] = proc
         return proc
 
-    def start_host(self) -> None:
-        self._spawn("host", [str(BIN / "hakuriver.host")])
+    def start_host(self) -> subprocess.Popen:
+        return self._spawn("host", [str(BIN / "hakuriver.host")])
 
-    def start_runner(self, node: str) -> None:
-        self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node])
+    def start_runner(self, node: str) -> subprocess.Popen:
+        return self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node])
 
-    def start(self) -> "Cluster":
-        self.start_host()
+    def start(self, host: bool = True, timeout: float = 30) -> "Cluster":
+        """Start the host (unless ``host`` is False) and every runner; with a host, wait until all are online."""
+        if host:
+            self.start_host()
         for node in self.nodes:
             self.start_runner(node)
-        self.wait_online(self.nodes)
+        if host:
+            self.wait_online(self.nodes, timeout)
         return self
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -120,22 +167,35 @@ class Cluster:
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
+    def stop_process(self, name: str, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        proc = self.processes.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def stop(self) -> None:
         for name in list(self.processes):
-            proc = self.processes.pop(name)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        asyncio.run(delete_prefix(self.prefix, self.nodes))
+            self.stop_process(name)
+        try:
+            asyncio.run(delete_prefix(self.prefix, self.nodes, url=self.broker_url))
+        except Exception as exc:  # never let clean-up hide what the test or benchmark found
+            print(f"could not delete broker prefix {self.prefix}: {exc}", file=sys.stderr)
         from runner.cgroups import open_cgroups
 
         try:
             open_cgroups(parent=self.prefix).remove_parent()
         except OSError:
             pass
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
         """Run ``hakuriver.client ARGS`` and return its result (stdout and stderr as bytes)."""
@@ -150,18 +210,19 @@ class Cluster:
     def query(self, *args: str):
         return json.loads(self.cli_ok(*args, "--json"))
 
-    def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
-        """Poll ``predicate`` (a query against the host) until it returns something truthy."""
-        return wait_until(predicate, timeout, what)
-
     def node_states(self) -> dict[str, bool]:
-        result = self.cli("--list-nodes", "--json")
+        result = self.cli("--list-nodes", "--json", timeout=20)
         if result.returncode != 0:
             return {}
         return {n["name"]: n["online"] for n in json.loads(result.stdout)["nodes"]}
 
     def wait_online(self, nodes: list[str], timeout: float = 30) -> None:
-        self.wait_for(lambda: all(self.node_states().get(n) for n in nodes), timeout, f"nodes {nodes} online")
+        try:
+            wait_until(lambda: all(self.node_states().get(n) for n in nodes), timeout, f"nodes {nodes} online")
+        except AssertionError as exc:
+            logs = "".join((self.root / f"{n}.log").read_text(errors="replace")[-500:] for n in ["host", *nodes]
+                           if (self.root / f"{n}.log").exists())
+            raise AssertionError(f"{exc}; logs: {logs}") from None
 
     def task(self, task_id: str | int) -> dict:
         return self.query("--status", str(task_id))
@@ -174,4 +235,4 @@ class Cluster:
             if result.returncode == 0:
                 task = json.loads(result.stdout)
                 return task if task["state"] in states else None
-        return self.wait_for(reached, timeout, f"task {task_id} in {states}")
+        return wait_until(reached, timeout, f"task {task_id} in {states}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from hakuriver.messages import MAX_CHUNK_BYTES, OutputChunk
+from hakuriver.topology import Topology
 
 STREAMS = ("stdout", "stderr")
 
@@ -53,7 +54,7 @@ class OutputStream:
             handle = open(self.paths[stream], "rb")
         except FileNotFoundError:
             return
-        key = f"task.{self.task_id}.{stream}"
+        key = Topology.output_key(self.task_id, stream)
         with handle:
             while True:
                 handle.seek(self.sent[stream])

@@ -114,10 +114,6 @@ class RunnerStore:
         with self.db:
             return self.db.execute("DELETE FROM tombstones WHERE task_id = ?", (task_id,)).rowcount > 0
 
-    def get(self, task_id: int) -> StoredTask | None:
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return _stored(row) if row else None
-
     def unfinished(self) -> list[StoredTask]:
         """Every task not yet in a terminal state, in arrival order."""
         rows = self.db.execute(

@@ -17,6 +17,7 @@ import pytest
 
 from hakuriver.config import Config
 from hakuriver.messages import Task
+from harness.local_cluster import wait_until_async as wait_for  # noqa: F401  (the executor tests' name)
 from runner.executors.base import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,13 +105,3 @@ def make_spec(config: Config, task: Task, tmp_path: Path, **fields) -> RunSpec:
                    stderr_path=tmp_path / f"{task.task_id}.err",
                    shared_dir=config.paths.shared_dir, local_temp_dir=config.paths.local_temp_dir, **fields)
 
-
-async def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll a cheap condition (a file's content) until true; fail after ``timeout``."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)

@@ -22,6 +22,7 @@ from hakuriver.host.service import Host
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
+from harness.local_cluster import wait_until_async
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -65,18 +66,6 @@ class Cluster:
         return tasks[0] if tasks else None
 
 
-async def eventually(check, timeout: float = 10.0, interval: float = 0.02):
-    """Wait until ``check()`` returns something truthy, and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
-        await asyncio.sleep(interval)
-
-
 @pytest.fixture
 async def cluster(tmp_path):
     prefix = f"hk-test-{uuid.uuid4().hex[:8]}"
@@ -118,7 +107,7 @@ async def test_events_chunks_and_queries(cluster):
         task = await cluster.status(task_id)
         return task if task and task["stdout_bytes"] == len(payload) else None
 
-    task = await eventually(all_output_stored)
+    task = await wait_until_async(all_output_stored, 10, "every output byte stored")
     assert task["state"] == "running" and task["node"] == "node1" and task["command"] == "echo"
     out = await cluster.call("output", task_id=task_id, stream="stdout")
     assert base64.b64decode(out["data"]) == payload and out["size"] == len(payload) and out["terminal"] is False
@@ -154,7 +143,7 @@ async def test_heartbeats_nodes_and_health(cluster):
     async def node_listed():
         return (await cluster.call("list_nodes"))["nodes"]
 
-    (node,) = await eventually(node_listed)
+    (node,) = await wait_until_async(node_listed, 10, "node1 listed")
     assert node["name"] == "node1" and node["online"] is True and node["cores_free"] == 5
     assert node["executors"] == ["process"] and node["memory_total"] == 1 << 33
     health = await cluster.call("health", node="node1")
@@ -195,7 +184,7 @@ async def test_offline_node_tasks_become_lost_and_come_back(cluster):
         task = await cluster.status(task_id)
         return task if task["state"] == "running" else None
 
-    task = await eventually(running_again)
+    task = await wait_until_async(running_again, 10, "the task running again")
     assert task["finished_at"] is None
 
 
@@ -221,7 +210,7 @@ async def test_garbage_is_dead_lettered_and_the_host_keeps_serving(cluster):
     async def good_event_stored():
         return await cluster.status(5)
 
-    assert (await eventually(good_event_stored))["state"] == "pending"
+    assert (await wait_until_async(good_event_stored, 10, "the good event stored"))["state"] == "pending"
     dead = await cluster.channel.declare_queue(cluster.topo.dead, durable=True)
     reasons = []
     async def all_dead_lettered():
@@ -230,7 +219,7 @@ async def test_garbage_is_dead_lettered_and_the_host_keeps_serving(cluster):
             reasons.append((message.headers["x-hakuriver-routing-key"], message.headers["x-hakuriver-reason"]))
         return len(reasons) == len(garbage)
 
-    await eventually(all_dead_lettered)
+    await wait_until_async(all_dead_lettered, 10, "every bad message dead-lettered")
     assert (await cluster.call("status", task_ids=[1]))["tasks"] == []
     by_key = dict(reasons)
     assert "unknown routing key" in by_key["task.1.weird"] and "unknown routing key" in by_key["node.x"]
@@ -290,7 +279,7 @@ async def test_throughput_of_a_backlog(cluster):
         queue = await publisher.declare_queue(cluster.topo.ledger, passive=True)
         return queue.declaration_result.message_count == 5001
 
-    await eventually(backlog_queued)
+    await wait_until_async(backlog_queued, 10, "the backlog queued")
 
     started = time.perf_counter()
     host = await cluster.start_host()
@@ -298,7 +287,7 @@ async def test_throughput_of_a_backlog(cluster):
     async def drained():
         return host.messages_ingested >= 5001
 
-    await eventually(drained, timeout=60, interval=0.005)
+    await wait_until_async(drained, 60, "the backlog ingested", interval=0.005)
     elapsed = time.perf_counter() - started
     print(f"\nhost ingested 5,001 events in {elapsed:.2f} s: {5001 / elapsed:,.0f} events/s")
     done = await cluster.call("list_tasks", state="completed", limit=10_000)

@@ -4,61 +4,82 @@ Why it exists: the ledger queue carries four kinds of message (a submitted task,
 event, an output chunk, a heartbeat), told apart by exchange and routing key. Every check
 that makes a message unusable (wrong key for its body, numbers past 64 bits, bad JSON)
 lives here, so the service only stores what passed and dead-letters the rest with the reason.
+
+What passed goes into an :class:`Ingested`: the messages sorted by kind into typed lists,
+which is what :meth:`hakuriver.host.ledger.Ledger.ingest` takes, so nothing downstream
+sorts a list of anything by type. The service parses a whole batch into one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task, one_line
 from hakuriver.states import TaskState
+from hakuriver.topology import NodeKey, Topology
 
 INT64 = 1 << 63
+MAX_OUTPUT_END = 1 << 62  # an output file's end past this is no real task's output
 
 
 class Malformed(ValueError):
     """A message the host cannot use; it goes to the dead-letter queue with this reason."""
 
 
+@dataclass
+class Ingested:
+    """Usable ledger-queue messages, by kind."""
+
+    events: list[StateEvent] = field(default_factory=list)
+    chunks: list[tuple[OutputChunk, bytes]] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.chunks) + len(self.heartbeats)
+
+
 # -- what arrives on the ledger queue ------------------------------------------------
 
-def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False):
-    """Decode one ledger-queue message into a StateEvent, (OutputChunk, bytes) or Heartbeat.
+def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False,
+                into: Ingested | None = None) -> Ingested:
+    """Decode one ledger-queue message and add it to ``into`` (a new :class:`Ingested` by
+    default), which is returned; :class:`Malformed` with the reason, and nothing added, if
+    the message is unusable.
 
     ``from_tasks``: the message came from the tasks exchange (runners bind the ledger
     there too), so it is a task as submitted: its ``pending`` event.
     """
+    batch = Ingested() if into is None else into
     try:
         if from_tasks:
             task = Task.from_bytes(body)
             event = StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
                                time=task.submitted_at)
             _check_state_event(event, task.task_id)
-            return event
-        if routing_key.startswith("node.") and routing_key.endswith(".heartbeat"):
+            batch.events.append(event)
+            return batch
+        key = Topology.parse_key(routing_key)
+        if isinstance(key, NodeKey):
             beat = Heartbeat.from_bytes(body)
-            if beat.node != routing_key[len("node."):-len(".heartbeat")]:
+            if beat.node != key.node:
                 raise Malformed(f"heartbeat of node {beat.node!r} on routing key {routing_key!r}")
-            return beat
-        parts = routing_key.split(".")
-        if len(parts) != 3 or parts[0] != "task" or not parts[1].isdigit():
-            raise Malformed(f"unknown routing key {routing_key!r}")
-        key_task_id, kind = int(parts[1]), parts[2]
-        if kind == "state":
+            batch.heartbeats.append(beat)
+        elif key.stream == "state":
             event = StateEvent.from_bytes(body)
-            _check_state_event(event, key_task_id)
-            return event
-        if kind in ("stdout", "stderr"):
+            _check_state_event(event, key.task_id)
+            batch.events.append(event)
+        else:
             chunk = OutputChunk.from_headers(headers or {}, body)
-            if chunk.task_id != key_task_id or chunk.stream != kind:
+            if chunk.task_id != key.task_id or chunk.stream != key.stream:
                 raise Malformed(f"output chunk of task {chunk.task_id} {chunk.stream} on routing key {routing_key!r}")
-            if chunk.offset + len(body) >= 1 << 62:
+            if chunk.offset + len(body) >= MAX_OUTPUT_END:
                 raise Malformed(f"output offset {chunk.offset} is out of range")
-            return chunk, body
-        raise Malformed(f"unknown routing key {routing_key!r}")
+            batch.chunks.append((chunk, body))
+        return batch
     except Malformed:
         raise
-    except ValueError as exc:  # pydantic's ValidationError is one
+    except ValueError as exc:  # an unknown key; pydantic's ValidationError is one too
         raise Malformed(one_line(exc)) from None
 
 

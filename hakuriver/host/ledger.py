@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -170,16 +170,6 @@ def node_dict(row: Any) -> dict[str, Any]:
 
 
 @dataclass
-class BatchResult:
-    """What one ingested batch changed, for the host's bookkeeping and waiters."""
-
-    states_applied: int = 0
-    chunks_written: int = 0
-    heartbeats: int = 0
-    touched_tasks: set[int] = field(default_factory=set)
-
-
-@dataclass
 class OutputSlice:
     data: bytes
     offset: int
@@ -270,12 +260,13 @@ class Ledger:
     # -- ingestion -------------------------------------------------------------------
 
     async def ingest(self, events: Iterable[StateEvent] = (), chunks: Iterable[tuple[OutputChunk, bytes]] = (),
-                     heartbeats: Iterable[Heartbeat] = (), now: float | None = None) -> BatchResult:
-        """Apply one batch in one transaction. Output bytes are written to their files
-        first: a crash before the commit leaves bytes the redelivered chunk rewrites."""
+                     heartbeats: Iterable[Heartbeat] = (), now: float | None = None) -> int:
+        """Apply one batch in one transaction; returns how many state events applied.
+        Output bytes are written to their files first: a crash before the commit leaves
+        bytes the redelivered chunk rewrites."""
         now = time.time() if now is None else now
         events, chunks, heartbeats = list(events), list(chunks), list(heartbeats)
-        result = BatchResult()
+        states_applied = 0
         if chunks:
             await asyncio.to_thread(self._write_chunks, chunks)
         # Several events of one task in a batch apply in seq order, as if they had arrived so.
@@ -291,19 +282,17 @@ class Ledger:
                 if ev.task is not None and ev.task.task_id != ev.task_id:
                     continue  # the host validates this before; never trust a mismatch
                 if apply_state_event(rows[ev.task_id], ev):
-                    result.states_applied += 1
+                    states_applied += 1
                 changed.add(ev.task_id)
             for chunk, data in chunks:
                 column = f"{chunk.stream}_bytes"
                 row = rows[chunk.task_id]
                 row[column] = max(row[column], chunk.offset + len(data))
                 changed.add(chunk.task_id)
-            result.chunks_written = len(chunks)
             await self._write_rows(conn, [rows[i] for i in changed if i in new_ids],
                                    [rows[i] for i in changed if i not in new_ids])
-            result.heartbeats = await self._apply_heartbeats(conn, heartbeats, now)
-        result.touched_tasks = changed
-        return result
+            await self._apply_heartbeats(conn, heartbeats, now)
+        return states_applied
 
     def _write_chunks(self, chunks: list[tuple[OutputChunk, bytes]]) -> None:
         for chunk, data in chunks:
@@ -327,13 +316,13 @@ class Ledger:
                       for row in updates]
             await conn.execute(update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")), params)
 
-    async def _apply_heartbeats(self, conn: AsyncConnection, heartbeats: list[Heartbeat], now: float) -> int:
+    async def _apply_heartbeats(self, conn: AsyncConnection, heartbeats: list[Heartbeat], now: float) -> None:
         latest: dict[str, Heartbeat] = {}
         for beat in heartbeats:
             if beat.node not in latest or beat.time >= latest[beat.node].time:
                 latest[beat.node] = beat
         if not latest:
-            return 0
+            return
         existing = set((await conn.execute(
             select(nodes_table.c.name).where(nodes_table.c.name.in_(list(latest))))).scalars())
         rows = [{"name": name, "online": not beat.stopping, "last_seen": now,
@@ -354,7 +343,6 @@ class Ledger:
                        tasks_table.c.lost_by_host.is_(True))
                 .values(state=TaskState.RUNNING.value, lost_by_host=False, finished_at=None, message="",
                         node=name))
-        return len(heartbeats)
 
     async def mark_offline(self, offline_after: float, now: float | None = None) -> list[StateEvent]:
         """Nodes silent for ``offline_after`` seconds go offline; the tasks they were

@@ -36,10 +36,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from hakuriver import broker
 from hakuriver.config import Config, ConfigError, load_config
-from hakuriver.host.ingest import Malformed, parse_event
+from hakuriver.host.ingest import Ingested, Malformed, parse_event
 from hakuriver.host.ledger import Ledger
 from hakuriver.host.queries import LedgerChanges, Queries
-from hakuriver.messages import Heartbeat, RpcReply, RpcRequest, StateEvent, one_line
+from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line
 from hakuriver.outbox import Outbox
 from hakuriver.topology import Topology
 
@@ -199,24 +199,30 @@ class Host:
         return batch
 
     async def _ingest(self, batch: list[AbstractIncomingMessage]) -> None:
-        parsed: list[tuple[AbstractIncomingMessage, Any]] = []
+        usable: list[AbstractIncomingMessage] = []
+        ingested = Ingested()
         for message in batch:
             try:
-                parsed.append((message, parse_event(message.routing_key or "", message.headers, message.body,
-                                                    from_tasks=message.exchange == self.topo.tasks)))
+                self._parse(message, into=ingested)
             except Malformed as exc:
                 await self._dead_letter(message, str(exc))
-        if not parsed:
+            else:
+                usable.append(message)
+        if not usable:
             return
         try:
-            await self._store([item for _, item in parsed])
+            await self._store(ingested)
         except (SQLAlchemyError, OSError) as exc:
             if _transient(exc):
-                await self._requeue_and_pause(parsed[-1][0], len(parsed), exc)
+                await self._requeue_and_pause(usable[-1], len(usable), exc)
             else:
-                await self._store_one_by_one(parsed)
+                await self._store_one_by_one(usable)
             return
-        await self._settle(parsed[-1][0])
+        await self._settle(usable[-1])
+
+    def _parse(self, message: AbstractIncomingMessage, into: Ingested | None = None) -> Ingested:
+        return parse_event(message.routing_key or "", message.headers, message.body,
+                           from_tasks=message.exchange == self.topo.tasks, into=into)
 
     async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
         # The database or disk is unavailable: hand everything back and slow down.
@@ -224,24 +230,20 @@ class Host:
         await self._settle(last, requeue=True)
         await asyncio.sleep(1.0)
 
-    async def _store_one_by_one(self, parsed: list[tuple[AbstractIncomingMessage, Any]]) -> None:
+    async def _store_one_by_one(self, usable: list[AbstractIncomingMessage]) -> None:
         # Some message the database refuses: store one at a time, dead-letter the culprit.
-        log.warning("a batch failed; storing its %d messages one by one", len(parsed), exc_info=True)
-        for message, item in parsed:
+        log.warning("a batch failed; storing its %d messages one by one", len(usable), exc_info=True)
+        for message in usable:
             try:
-                await self._store([item])
+                await self._store(self._parse(message))  # parsed before: it parses again
             except SQLAlchemyError as exc:
                 await self._dead_letter(message, f"the ledger refused it: {one_line(exc)}")
             else:
                 await self._settle(message, multiple=False)
 
-    async def _store(self, items: list[Any]) -> None:
-        events = [item for item in items if isinstance(item, StateEvent)]
-        beats = [item for item in items if isinstance(item, Heartbeat)]
-        chunks = [item for item in items if isinstance(item, tuple)]
-        result = await self.ledger.ingest(events, chunks, beats)
-        self.events_applied += result.states_applied
-        self.messages_ingested += len(items)
+    async def _store(self, ingested: Ingested) -> None:
+        self.events_applied += await self.ledger.ingest(ingested.events, ingested.chunks, ingested.heartbeats)
+        self.messages_ingested += len(ingested)
         await self._notify_changed()
 
     async def _settle(self, message: AbstractIncomingMessage, multiple: bool = True, requeue: bool | None = None) -> None:
