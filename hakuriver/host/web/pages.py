@@ -188,7 +188,8 @@ def task(t: dict[str, Any], outputs: dict[str, tuple[str, int]], user: str | Non
          refusal: str | None) -> str:
     terminal = TaskState(t["state"]).terminal
     live = not terminal
-    resources = f"{t.get('cores') or 0:g} cores, memory {format_size(t['memory']) if t.get('memory') else 'any'}"
+    cores = f"{t['cores']:g} cores" if t.get("cores") else "no CPU limit"
+    resources = f"{cores}, {'memory ' + format_size(t['memory']) if t.get('memory') else 'no memory limit'}"
     place = t.get("container") or "host"
     facts = [("command", f'<code>{e(command_text(t))}</code>'), ("owner", e(t.get("user") or "—")),
              ("submitted from", e(t.get("submit_host") or "—")),
@@ -215,10 +216,10 @@ def task(t: dict[str, Any], outputs: dict[str, tuple[str, int]], user: str | Non
                           f'{a.capitalize()}…</a>' for a in actions)
     follow = f' data-follow="/api/tasks/{t["task_id"]}/events"' if live else ""
     body = (f'<h1>Task <span id="task-id">{t["task_id"]}</span> {state_badge(t["state"], "state")}</h1>'
-            f'<div class="actions">{buttons}</div><table class="facts">{rows}</table>'
+            f'<div class="actions">{buttons}</div><div class="task-grid"><table class="facts">{rows}</table>'
             f'<div id="live"{follow}>'
             + "".join(_output_block(t["task_id"], stream, text, size, live) for stream, (text, size) in outputs.items())
-            + "</div>")
+            + "</div></div>")
     return layout(f"Task {t['task_id']}", body, user, "Tasks")
 
 
