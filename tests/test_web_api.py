@@ -416,6 +416,9 @@ async def test_pages_are_small_escaped_and_self_contained(start_web):
         assert b"http://" not in body and b"https://" not in body, path          # nothing from elsewhere
     status, body, _ = await web.get(f"/tasks/{evil}")
     assert b"&lt;script&gt;alert(1)&lt;/script&gt;" in body
+    loud = await web.add(task(803), output=b"&" * 1_200_000)          # 1.2 MB that escaping makes 5 times larger
+    status, body, _ = await web.get(f"/tasks/{loud}")
+    assert status == 200 and len(body) <= PAGE_LIMIT and b"download" in body
     status, body, _ = await web.get("/")
     assert b'data-node="node1"' in body and b'data-state="failed">1<' in body
     assert (await web.get("/tasks?batch=abc"))[0] == 400

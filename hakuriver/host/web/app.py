@@ -315,7 +315,7 @@ class Dashboard:
                     await send(stream, {"text": text})
                 drained &= offsets[stream] >= piece.size
             task = await data.task_row(ledger, task["task_id"]) or task
-            now = {key: task.get(key) for key in ("state", "exit_code", "message")}
+            now = {key: task.get(key) for key in ("state", "exit_code", "message", "finished_at")}
             if now != shown:
                 shown = now
                 await send("state", now)

@@ -18,7 +18,9 @@ from hakuriver.host.web.data import TaskFilter, TaskPage, allocation
 from hakuriver.sizes import format_size
 from hakuriver.states import TaskState
 
-TAIL_BYTES = 64 * 1024   # of each stream, rendered into the task page (the rest: download)
+# Of each stream, rendered into the task page (the rest: download). Escaped, a byte becomes
+# at most 5 ("&amp;"): two tails stay within the 300 KB a page may weigh.
+TAIL_BYTES = 24 * 1024
 
 
 def e(value: Any) -> str:
@@ -181,7 +183,7 @@ def _output_block(task_id: int, stream: str, text: str, size: int, live: bool) -
     shown = "" if size <= TAIL_BYTES else f" (last {TAIL_BYTES // 1024} KB of {format_size(size)} shown)"
     return (f'<section class="output"><h2>{stream}<small>{e(shown)}</small> '
             f'<a href="/api/tasks/{task_id}/{stream}?download=1" download>download</a></h2>'
-            f'<pre id="{stream}" data-offset="{size}">{e(text)}</pre></section>')
+            f'<pre id="{stream}" data-offset="{size}">{html.escape(text, quote=False)}</pre></section>')
 
 
 def task(t: dict[str, Any], outputs: dict[str, tuple[str, int]], user: str | None, actions: list[str],
@@ -200,7 +202,7 @@ def task(t: dict[str, Any], outputs: dict[str, tuple[str, int]], user: str | Non
              ("mounts", e(", ".join(t.get("mounts") or []) or "—")),
              ("GPUs", e(", ".join(str(g) for g in t.get("gpus") or []) or "—")),
              ("submitted", when(t.get("submitted_at"))), ("queued", when(t.get("queued_at"))),
-             ("started", when(t.get("started_at"))), ("finished", when(t.get("finished_at"))),
+             ("started", when(t.get("started_at"))), ("finished", f'<span id="finished">{when(t.get("finished_at"))}</span>'),
              ("exit code", f'<span id="exit-code">{e(t["exit_code"]) if t.get("exit_code") is not None else "—"}</span>'),
              ("message", f'<span id="message">{e(t.get("message") or "—")}</span>')]
     if t.get("unenforced"):

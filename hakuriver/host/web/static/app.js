@@ -21,6 +21,10 @@
     badge.className = "state s-" + task.state;
     if (task.exit_code !== null && task.exit_code !== undefined) document.getElementById("exit-code").textContent = task.exit_code;
     if (task.message) document.getElementById("message").textContent = task.message;
+    if (task.finished_at) {
+      const finished = new Date(task.finished_at * 1000).toISOString().slice(0, 19).replace("T", " ");
+      document.getElementById("finished").textContent = finished + " UTC";
+    }
   };
   source.addEventListener("state", (event) => showState(JSON.parse(event.data)));
   source.addEventListener("end", (event) => {
