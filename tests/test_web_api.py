@@ -439,3 +439,17 @@ def test_web_config_keys(tmp_path):
     assert load_config(environ={"HAKURIVER_SECURITY_ADMINS": "ana,ben"}).security.admins == ["ana", "ben"]
     with pytest.raises(ConfigError, match="web.listen.*localhost"):
         load_config(environ={"HAKURIVER_WEB_LISTEN": "localhost"})
+
+
+async def test_the_host_stops_promptly_with_a_live_tail_open(start_web):
+    web = await start_web()
+    task_id = await web.add(task(901), TaskState.RUNNING, output=b"still going\n")
+    response = await web.http.get(f"{web.url}/api/tasks/{task_id}/events")
+    assert (await response.content.readline()).startswith(b"event: stdout")
+    assert web.host.web.dashboard.tails                     # the tail waits for the next change
+    started = time.monotonic()
+    await asyncio.wait_for(web.host.web.stop(), 10)
+    web.host.web = None
+    assert time.monotonic() - started < 5
+    assert await response.content.read() is not None        # the stream was closed, not left hanging
+    response.close()
