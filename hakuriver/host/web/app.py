@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from aio_pika.abc import AbstractExchange
 from aiohttp import hdrs, web
 
+from hakuriver import __version__
 from hakuriver.broker import BrokerUnreachable
 from hakuriver.config import Config
 from hakuriver.host.ingest import INT64
@@ -30,9 +31,7 @@ from hakuriver.host.queries import LedgerChanges
 from hakuriver.host.web import data, metrics, pages
 from hakuriver.host.web.actions import ACTIONS, available
 from hakuriver.host.web.auth import COOKIE, SESSION_SECONDS, Sessions, action_refusal, broker_accepts
-from hakuriver.messages import one_line
 from hakuriver.states import TaskState
-from hakuriver import __version__
 from hakuriver.topology import Topology
 
 log = logging.getLogger("hakuriver.host.web")
