@@ -18,13 +18,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hakuriver import broker
-from hakuriver.config import (BrokerConfig, Config, ConfigError, PathsConfig, SecurityConfig, TimingConfig, WebConfig,
-                              load_config)
+from hakuriver.config import (BrokerConfig, Config, ConfigError, HostConfig, PathsConfig, SecurityConfig, TimingConfig,
+                              WebConfig, load_config)
+from hakuriver.host.ledger import metadata
 from hakuriver.host.service import Host
 from hakuriver.host.web.auth import Sessions, action_refusal, may_control
 from hakuriver.messages import Heartbeat, Kill, NumaNode, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
+from test_ledger import postgres_url  # noqa: F401  (a fixture: a private PostgreSQL database)
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PAGE_LIMIT = 300 * 1024
@@ -77,8 +79,8 @@ async def start_web(tmp_path):
     prefix = f"hk-web-{uuid.uuid4().hex[:8]}"
     started: list[tuple[Host, aiohttp.ClientSession]] = []
 
-    async def start(web: dict | None = None, security: dict | None = None) -> Web:
-        config = Config(broker=BrokerConfig(url=BROKER_URL, prefix=prefix),
+    async def start(web: dict | None = None, security: dict | None = None, database_url: str = "") -> Web:
+        config = Config(broker=BrokerConfig(url=BROKER_URL, prefix=prefix), host=HostConfig(database_url=database_url),
                         paths=PathsConfig(state_dir=str(tmp_path / f"state{len(started)}"),
                                           shared_dir=str(tmp_path / "shared")),
                         timing=TimingConfig(heartbeat_interval=0.2, heartbeat_timeout_factor=3),
@@ -93,6 +95,9 @@ async def start_web(tmp_path):
     yield start
     for host, http in started:
         await http.close()
+        if host.ledger.dialect != "sqlite":   # a shared database: leave it empty for the next test
+            async with host.ledger.engine.begin() as conn:
+                await conn.run_sync(metadata.drop_all)
         await host.stop()
     connection = await aio_pika.connect(BROKER_URL)
     async with connection:
@@ -105,8 +110,14 @@ async def start_web(tmp_path):
 
 # -- listing -------------------------------------------------------------------------------
 
-async def test_task_list_filters_and_pages_by_key(start_web):
-    web = await start_web()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request):
+    """"" (SQLite in the state directory) or a private PostgreSQL database."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+async def test_task_list_filters_and_pages_by_key(start_web, database_url):
+    web = await start_web(database_url=database_url)
     await web.add(task(101, user="ana", command="python", batch=7), TaskState.COMPLETED, exit_code=0)
     await web.add(task(102, user="ben", command="make", batch=7), TaskState.FAILED, exit_code=2)
     await web.add(task(103, user="ana", command="python", target="node2"), TaskState.RUNNING, node="node2")
@@ -138,11 +149,11 @@ async def test_task_list_filters_and_pages_by_key(start_web):
     assert status == 200 and b'data-task-id="102"' in body and b'data-task-id="101"' not in body
 
 
-async def test_text_search_scans_a_bounded_window_and_continues_below_it(start_web, monkeypatch):
+async def test_text_search_scans_a_bounded_window_and_continues_below_it(start_web, database_url, monkeypatch):
     from hakuriver.host.web import data
 
     monkeypatch.setattr(data, "TEXT_SCAN_ROWS", 3)
-    web = await start_web()
+    web = await start_web(database_url=database_url)
     for task_id, command in [(1, "rare"), (2, "common"), (3, "common"), (4, "common"), (5, "rare"), (6, "common")]:
         await web.add(task(task_id, command=command), TaskState.COMPLETED, exit_code=0)
     page = await web.get_json("/api/tasks?q=rare")
@@ -370,8 +381,8 @@ async def test_nodes_and_health(start_web):
     assert status == 200 and b'data-node="node1"' in page and b"3 / 4" in page
 
 
-async def test_metrics_parse_with_prometheus_client(start_web):
-    web = await start_web()
+async def test_metrics_parse_with_prometheus_client(start_web, database_url):
+    web = await start_web(database_url=database_url)
     await _with_a_node(web)
     for task_id, state, exit_code in [(701, TaskState.COMPLETED, 0), (702, TaskState.FAILED, 1),
                                       (703, TaskState.RUNNING, None)]:
