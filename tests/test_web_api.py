@@ -83,7 +83,7 @@ async def start_web(tmp_path):
         config = Config(broker=BrokerConfig(url=BROKER_URL, prefix=prefix), host=HostConfig(database_url=database_url),
                         paths=PathsConfig(state_dir=str(tmp_path / f"state{len(started)}"),
                                           shared_dir=str(tmp_path / "shared")),
-                        timing=TimingConfig(heartbeat_interval=0.2, heartbeat_timeout_factor=3),
+                        timing=TimingConfig(),   # nodes stay online through a slow test: 15 s of silence
                         web=WebConfig(**{"listen": "127.0.0.1:0", **(web or {})}),
                         security=SecurityConfig(**(security or {})))
         host = Host(config)
