@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure what HakuRiver and its tests need is installed and running (run as root):
-# a virtual environment with the project, numactl, RabbitMQ, and (unless HAKURIVER_NO_DOCKER=1)
+# a virtual environment with the project, numactl, RabbitMQ, Chromium for the browser test
+# (unless HAKURIVER_NO_BROWSER=1), and (unless HAKURIVER_NO_DOCKER=1)
 # a Docker engine with the locally built base image. Idempotent: each step checks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,12 @@ apt_install() {
 missing=()
 command -v numactl >/dev/null 2>&1 || missing+=(numactl)
 command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
+# The dashboard's browser test drives Debian's Chromium (a test tool's own browser download
+# cannot work offline). HAKURIVER_NO_BROWSER=1 skips it where no test runs (deploy/local-up).
+if [ "${HAKURIVER_NO_BROWSER:-0}" != 1 ]; then
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt_install "${missing[@]}"

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import docker_tasks, executor, footprint, latency, ledger, throughput
+from bench import docker_tasks, executor, footprint, latency, ledger, throughput, web
 from bench.harness import Row, failed_row, say, table
 
 # name → (module, seconds it may take, the rows it makes when it fails: figure, goal)
@@ -29,12 +29,13 @@ SECTIONS = {
     "ledger": (ledger, 150, [("ledger ingestion / `--list-tasks` on 100,000 tasks", "≥ 2,000/s / p95 ≤ 200 ms")]),
     "footprint": (footprint, 200, [("runner RSS / hakurun overhead", "≤ 60 MB, flat / ≤ 2 ms")]),
     "executor": (executor, 90, [("host task overhead through the process executor", "—")]),
+    "web": (web, 240, [("dashboard `/api/tasks` and tasks page on 100,000 tasks", "p95 ≤ 150 ms")]),
 }
 
 # The order of the table, by a word each figure starts with or contains.
 ORDER = ["`--wait", "warm Python API", "trivial host tasks", "`--sweep`", "Docker `echo hi`", "Docker tasks, 2",
          "ledger ingestion", "`--list-tasks`", "`--help` start-up", "submit start-up", "runner idle",
-         "runner RSS while", "hakurun", "host task overhead"]
+         "runner RSS while", "hakurun", "host task overhead", "dashboard"]
 
 
 class Overran(Exception):

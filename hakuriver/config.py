@@ -96,6 +96,32 @@ class ClientConfig(_Section):
     max_sweep: int = 100_000
 
 
+class WebConfig(_Section):
+    listen: str = "127.0.0.1:8000"   # HOST:PORT of the dashboard and HTTP API; "" = off
+    allow_actions_without_login: bool = False
+    secret: str = ""                 # signs session cookies; "" = a new one at every host start
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"must be HOST:PORT (e.g. 127.0.0.1:8000) or empty, not {value!r}")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class SecurityConfig(_Section):
+    admins: list[str] = []           # users who may act on every task (the others: on their own)
+
+
 class Config(_Section):
     broker: BrokerConfig = BrokerConfig()
     node: NodeConfig = NodeConfig()
@@ -104,6 +130,8 @@ class Config(_Section):
     timing: TimingConfig = TimingConfig()
     docker: DockerConfig = DockerConfig()
     client: ClientConfig = ClientConfig()
+    web: WebConfig = WebConfig()
+    security: SecurityConfig = SecurityConfig()
 
     @property
     def database_url(self) -> str:
@@ -226,6 +254,14 @@ network = "host"                       # task containers' network mode
 
 [client]
 max_sweep = 100000         # largest --sweep accepted
+
+[web]
+listen = "127.0.0.1:8000"  # the host's dashboard and HTTP API (HAKURIVER_WEB_LISTEN); "" = off
+allow_actions_without_login = false   # let anyone kill from the dashboard (only until sign-in is in use)
+secret = ""                # signs session cookies; "" = a new secret at every host start
+
+[security]
+admins = []                # users who may act on every task; the others act on their own tasks
 '''
 
 

@@ -16,9 +16,11 @@ import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -92,6 +94,13 @@ async def wait_until_async(predicate: Callable[[], Any], timeout: float = 30, wh
         await asyncio.sleep(interval)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now (parallel clusters must not share the dashboard's 8000)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def write_config(path: Path, prefix: str, root: Path, broker_url: str = BROKER_URL, **sections: dict) -> Path:
     """A config file for a test cluster; ``sections`` add or override keys."""
     config = {
@@ -100,6 +109,7 @@ def write_config(path: Path, prefix: str, root: Path, broker_url: str = BROKER_U
                   "local_temp_dir": str(root / "tmp")},
         "timing": {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0},
         "docker": {"default_container": "NULL"},
+        "web": {"listen": f"127.0.0.1:{free_port()}"},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
@@ -138,6 +148,11 @@ class Cluster:
         from hakuriver.config import load_config
 
         return load_config(str(self.config), environ={})
+
+    @property
+    def web_url(self) -> str:
+        """The host's dashboard, e.g. ``http://127.0.0.1:41234`` (no trailing slash)."""
+        return "http://" + tomllib.loads(self.config.read_text())["web"]["listen"]
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy

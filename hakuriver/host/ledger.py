@@ -87,6 +87,7 @@ tasks_table = Table(
     Index("ix_tasks_state", "state", "task_id"),
     Index("ix_tasks_node", "node", "task_id"),
     Index("ix_tasks_batch", "batch_id", "task_id"),
+    Index("ix_tasks_user", "user", "task_id"),         # the dashboard's owner filter
 )
 
 nodes_table = Table(

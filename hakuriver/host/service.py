@@ -39,6 +39,7 @@ from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.host.ingest import Ingested, Malformed, parse_event
 from hakuriver.host.ledger import Ledger
 from hakuriver.host.queries import LedgerChanges, Queries
+from hakuriver.host.web import WebContext, WebServer
 from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line
 from hakuriver.outbox import Outbox
 from hakuriver.topology import Topology
@@ -85,6 +86,7 @@ class Host:
         self._started_at = 0.0        # start, or last reconnect: offline checks wait a window after it
         self._connected = False
         self._outbox: Outbox | None = None
+        self.web: WebServer | None = None    # the dashboard, when [web] listen is set
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -117,6 +119,22 @@ class Host:
         self._consumers = [(ledger_queue, await ledger_queue.consume(self._on_ledger_message)),
                            (rpc_queue, await rpc_queue.consume(self._on_rpc_request))]
         log.info("host serving %s (ledger %s, database %s)", self.topo.prefix, self.topo.ledger, self.ledger.dialect)
+        if self.config.web.address is not None:
+            await self._start_web(publish_channel)
+
+    async def _start_web(self, channel: AbstractChannel) -> None:
+        # The dashboard is a window, not the ledger's keeper: a port in use is logged and
+        # the host serves on without it.
+        web = WebServer(WebContext(config=self.config, ledger=self.ledger, changes=self.changes,
+                                   counters=self._counters, connection=self._connection,
+                                   control=self._exchanges.control))
+        try:
+            await web.start()
+        except OSError as exc:
+            log.error("web dashboard off: cannot listen on %s: %s", self.config.web.listen, one_line(exc))
+            await web.stop()
+            return
+        self.web = web
 
     def _on_disconnect(self, *_: Any) -> None:
         self._connected = False
@@ -144,6 +162,9 @@ class Host:
                 delay = min(delay * 2, 30.0)
 
     async def stop(self) -> None:
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         for queue, tag in self._consumers:
             try:
                 await queue.cancel(tag)

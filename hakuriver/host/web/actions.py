@@ -1,0 +1,47 @@
+"""What a dashboard user may do to a task: today kill; pause and resume join here once they exist.
+
+Why a registry: the task page, the confirmation page, the form POST and the JSON API all
+serve every action the same way (look the task up, check :func:`~hakuriver.host.web.auth.action_refusal`,
+perform); a new action is one :class:`Action` in :data:`ACTIONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aio_pika.abc import AbstractExchange
+
+from hakuriver import broker
+from hakuriver.messages import Kill
+from hakuriver.states import TaskState
+from hakuriver.topology import ALL_NODES_KEY
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    applies: Callable[[dict[str, Any]], bool]   # may it be asked of a task in this state?
+    perform: Callable[[AbstractExchange, dict[str, Any], str], Awaitable[dict[str, Any]]]
+
+
+async def send_kill(control: AbstractExchange, task: dict[str, Any], user: str) -> dict[str, Any]:
+    """The same Kill control message the CLI sends, to the task's node; to every node
+    (``all``) while it has none, or if its node's control queue is gone."""
+    node = task.get("node") or ALL_NODES_KEY
+    body = broker.persistent(Kill(task_id=task["task_id"], user=user).to_bytes())
+    result = await control.publish(body, routing_key=node, mandatory=True)
+    if hasattr(result, "delivery") and node != ALL_NODES_KEY:   # returned: no queue bound to the node
+        node = ALL_NODES_KEY
+        await control.publish(body, routing_key=node, mandatory=False)
+    return {"sent_to": node}
+
+
+ACTIONS: dict[str, Action] = {
+    "kill": Action("kill", lambda task: not TaskState(task["state"]).terminal, send_kill),
+}
+
+
+def available(task: dict[str, Any]) -> list[str]:
+    """The actions that apply to ``task`` in its current state."""
+    return [name for name, action in ACTIONS.items() if action.applies(task)]
