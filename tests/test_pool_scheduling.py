@@ -9,17 +9,99 @@ own rules are what is tested.
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 
 import aio_pika
 import pytest
 
 from docker_fixtures import docker_engine  # noqa: F401  (fixture)
-from harness.local_cluster import BIN, Cluster
+from harness.local_cluster import BIN, Cluster, write_config
 from hakuriver import broker, ids
-from hakuriver.messages import Task
+from hakuriver.config import load_config
+from hakuriver.host.waiting import waiting_reason
+from hakuriver.messages import Heartbeat, Task
 from hakuriver.sizes import parse_size
 from hakuriver.topology import POOL_KEY, Topology
+from runner.executors.base import Handle
+from runner.peers import NodeView, Peers, pool_refusal
+from runner.runner import Runner, Running
+
+
+GIB = 2**30
+
+
+def beat(node: str, cores: float = 2, memory: int = GIB, executors=("process",), **fields) -> Heartbeat:
+    return Heartbeat(node=node, cores_total=cores, cores_free=cores, memory_total=memory, memory_free=memory,
+                     executors=list(executors), **fields)
+
+
+def pool_task(task_id: int = 1, **fields) -> Task:
+    return Task(task_id=task_id, batch_id=1, command="true", target=POOL_KEY, **fields)
+
+
+def test_pool_refusal_only_when_no_node_can_run_it():
+    nodes = [NodeView.of(beat("node1")), NodeView.of(beat("node2", cores=8, memory=4 * GIB))]
+    assert pool_refusal(pool_task(cores=8), nodes) is None
+    assert pool_refusal(pool_task(cores=64), nodes) == \
+        "no online node can run it: 64 cores requested; the largest online node offers 8"
+    assert pool_refusal(pool_task(memory=500 * GIB), nodes) == \
+        "no online node can run it: 500.0G memory requested; the largest online node offers 4.0G"
+    assert "node1: 4 cores requested; node node1 offers 2; node2: 2.0G memory requested" in \
+        pool_refusal(pool_task(cores=4, memory=2 * GIB), [NodeView.of(beat("node1", memory=4 * GIB)),
+                                                          NodeView.of(beat("node2", cores=8))])
+    assert pool_refusal(pool_task(container="env"), nodes) == \
+        "no online node can run it: container 'env' needs Docker; no online node has it"
+    assert pool_refusal(pool_task(container="env"), [*nodes, NodeView.of(beat("n3", executors=["docker"]))]) is None
+
+
+def test_peers_judge_only_after_listening_and_forget_the_silent():
+    now = [100.0]
+    peers = Peers("node1", offline_after=2.0, clock=lambda: now[0])
+    peers.heard(beat("node1"))  # its own heartbeat: not a peer
+    peers.heard(beat("node2"))
+    assert not peers.settled()
+    now[0] += 4.0
+    assert peers.settled() and [p.name for p in peers.online()] == ["node2"]
+    now[0] += 3.0  # silent past the offline window, not yet forgotten: a rejection cannot be undone
+    assert [p.name for p in peers.online()] == ["node2"]
+    now[0] += 2.0
+    assert peers.online() == []
+    peers.heard(beat("node3"))
+    peers.heard(beat("node3", stopping=True))
+    assert peers.online() == []
+
+
+def test_the_host_says_why_a_pending_task_waits():
+    nodes = {"node1": {"name": "node1", "online": True, "cores_free": 0, "memory_free": GIB,
+                       "executors": ["process"]},
+             "node2": {"name": "node2", "online": False, "cores_free": 2, "memory_free": GIB}}
+    pending = {"state": "pending", "message": "", "node": None, "target": "node2", "cores": 1, "container": None}
+    assert waiting_reason(pending, nodes) == "node node2 is offline"
+    assert waiting_reason({**pending, "target": "node9"}, nodes) == "node node9 has never been seen online"
+    assert waiting_reason({**pending, "target": "node1"}, nodes) == ""
+    queued = {**pending, "state": "queued", "node": "node2", "message": "waiting for cores: needs 1 of 2"}
+    assert waiting_reason(queued, nodes) == "node node2 is offline; waiting for cores: needs 1 of 2"
+    pool = {**pending, "target": POOL_KEY}
+    assert waiting_reason(pool, nodes) == "waiting for a node with room for 1 cores (free now: node1 0 cores/1.0G)"
+    assert waiting_reason({**pool, "container": "env"}, nodes) == \
+        "waiting for a node with Docker (container env): no online node has it"
+    assert waiting_reason(pool, {}) == "waiting for a node: none is online"
+    assert waiting_reason({**pool, "state": "failed", "message": "boom"}, {}) == "boom"
+
+
+def test_a_container_task_still_starting_counts_as_queued_not_running(tmp_path):
+    config = load_config(str(write_config(tmp_path / "config.toml", "hkt-unused", tmp_path)))
+    runner = Runner(config, executors={})
+    try:
+        starting, started = pool_task(container="env"), pool_task(task_id=2)
+        spec = runner._spec(starting)
+        runner.running[1] = Running(starting, None, runner._output_stream(1, spec))
+        runner.running[2] = Running(started, None, runner._output_stream(2, spec), handle=Handle(2, "process"))
+        heartbeat = runner.heartbeat()
+        assert (heartbeat.running, heartbeat.queued) == ([2], [1])
+    finally:
+        runner.store.close()
 
 
 def publish(c: Cluster, **fields) -> int:
@@ -39,8 +121,6 @@ def publish(c: Cluster, **fields) -> int:
 
 
 def broker_url(c: Cluster) -> str:
-    from hakuriver.config import load_config
-
     return load_config(str(c.config)).broker.url
 
 
@@ -121,3 +201,31 @@ def test_runners_without_docker_leave_pool_container_tasks_to_the_others(tmp_pat
         assert [(t["state"], t["node"]) for t in tasks] == [("completed", "node1")] * 12
     finally:
         c.stop()
+
+
+def test_status_says_why_a_task_waits(small_cluster):
+    c = small_cluster
+    busy = {node: c.cli_ok("--target", node, "--cores", "2", "--", "sleep", "60").strip() for node in c.nodes}
+    for task_id in busy.values():
+        c.wait_state(task_id, "running")
+
+    queued = c.cli_ok("--target", "node1", "--cores", "1", "--", "true").strip()
+    task = c.wait_for(lambda: (t := c.task(queued))["message"] and t, timeout=15, what="a reason")
+    assert task["state"] == "queued"
+    assert task["message"] == "waiting for cores: needs 1 of the node's 2, other tasks hold them"
+
+    pool = c.cli_ok("--cores", "1", "--", "true").strip()
+    task = c.task(pool)
+    assert task["state"] == "pending"
+    assert task["message"].startswith("waiting for a node with room for 1 cores (free now: node1 0 cores/"), task
+
+    c.cli_ok("--kill", busy["node2"])
+    assert c.wait_state(pool, "completed")["node"] == "node2"  # room on node2: the pool task runs there
+    c.kill("node2", signal.SIGTERM)  # a polite stop: the host marks it offline at once
+    c.wait_for(lambda: c.node_states().get("node2") is False, what="node2 offline")
+    later = c.cli_ok("--target", "node2", "--", "true").strip()
+    task = c.task(later)
+    assert (task["state"], task["message"]) == ("pending", "node node2 is offline")
+
+    c.cli_ok("--kill", busy["node1"])
+    assert c.wait_state(queued, "completed")["message"] == ""  # a reason is gone once it runs
