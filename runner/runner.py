@@ -379,6 +379,9 @@ class Runner:
         executor = executor_for(task, self.executors)
         running = Running(task, executor, self._output_stream(task.task_id, spec))
         self.running[task.task_id] = running
+        # a slow start (a container image to load) is told like any other wait
+        telling = asyncio.get_running_loop().call_later(WAIT_REASON_EVERY_S, self.store.tell_waiting, {
+            task.task_id: f"starting: the {executor.name} executor prepares it (a container image may be loading)"})
         try:
             try:
                 handle = await executor.start(task, spec)
@@ -389,6 +392,7 @@ class Runner:
                 await self._finish(running, TaskState.FAILED, None, str(exc))
                 return
             running.handle = handle
+            telling.cancel()
             message = f"limits not enforced: {', '.join(handle.unenforced)}" if handle.unenforced else ""
             self.store.transition(task.task_id, TaskState.RUNNING, handle=handle.to_dict(), message=message,
                                   unenforced=handle.unenforced)
@@ -399,6 +403,8 @@ class Runner:
             log.exception("task %s: runner error", task.task_id)
             if task.task_id in self.running:
                 await self._finish(running, TaskState.FAILED, None, f"runner error: {exc}")
+        finally:
+            telling.cancel()
 
     async def _watch(self, running: Running) -> None:
         outcome = await running.executor.wait(running.handle)

@@ -94,10 +94,13 @@ class RunnerStore:
 
     def tell_waiting(self, reasons: dict[int, str]) -> None:
         """Queue a ``queued`` event again for each waiting task, its message saying why it
-        waits, all in one transaction (a long queue is told in one commit, not one each)."""
+        waits, all in one transaction (a long queue is told in one commit, not one each).
+        A task that is no longer ``queued`` is left alone: a reason never reopens a task."""
         with self.db:
             for task_id, reason in reasons.items():
-                self._event(task_id, TaskState.QUEUED, message=reason)
+                row = self.db.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                if row is not None and row[0] == TaskState.QUEUED:
+                    self._event(task_id, TaskState.QUEUED, message=reason)
 
     def set_outcome(self, task_id: int, outcome: dict[str, Any]) -> None:
         """How the task ended, kept until its output is flushed and its final event queued."""

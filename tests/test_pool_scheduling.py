@@ -22,10 +22,12 @@ from hakuriver.config import load_config
 from hakuriver.host.waiting import waiting_reason
 from hakuriver.messages import Heartbeat, Task
 from hakuriver.sizes import parse_size
+from hakuriver.states import TaskState
 from hakuriver.topology import POOL_KEY, Topology
 from runner.executors.base import Handle
 from runner.peers import NodeView, Peers, pool_refusal
 from runner.runner import Runner, Running
+from runner.store import RunnerStore
 
 
 GIB = 2**30
@@ -102,6 +104,22 @@ def test_a_container_task_still_starting_counts_as_queued_not_running(tmp_path):
         assert (heartbeat.running, heartbeat.queued) == ([2], [1])
     finally:
         runner.store.close()
+
+
+def test_a_reason_is_told_only_while_the_task_is_queued(tmp_path):
+    store = RunnerStore(tmp_path / "store.db", Topology("hkt-unused"), "node1")
+    try:
+        waiting, ended = pool_task(1), pool_task(2)
+        store.accept(waiting)
+        store.accept(ended)
+        store.transition(2, TaskState.COMPLETED, exit_code=0)
+        before = store.outbox.pending()
+        store.tell_waiting({1: "waiting for cores", 2: "starting"})
+        assert store.outbox.pending() == before + 1  # one event, for the queued task only
+        assert (store.get(1).state, store.get(2).state) == (TaskState.QUEUED, TaskState.COMPLETED)
+        assert store.get(1).seq == 2
+    finally:
+        store.close()
 
 
 def publish(c: Cluster, **fields) -> int:
