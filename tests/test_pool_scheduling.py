@@ -19,8 +19,9 @@ from docker_fixtures import docker_engine  # noqa: F401  (fixture)
 from harness.local_cluster import BIN, Cluster, write_config
 from hakuriver import broker, ids
 from hakuriver.config import load_config
+from hakuriver.host.ledger import _empty_row, apply_state_event
 from hakuriver.host.waiting import waiting_reason
-from hakuriver.messages import Heartbeat, Task
+from hakuriver.messages import Heartbeat, StateEvent, Task
 from hakuriver.sizes import parse_size
 from hakuriver.states import TaskState
 from hakuriver.topology import POOL_KEY, Topology
@@ -122,6 +123,14 @@ def test_a_reason_is_told_only_while_the_task_is_queued(tmp_path):
         store.close()
 
 
+def test_the_ledger_keeps_when_a_task_was_first_queued():
+    row = _empty_row(1)
+    for seq, (at, message) in enumerate([(10.0, ""), (12.0, "waiting for cores")], start=1):
+        apply_state_event(row, StateEvent(task_id=1, node="node1", state=TaskState.QUEUED, seq=seq, time=at,
+                                          message=message))
+    assert (row["state"], row["queued_at"], row["message"]) == ("queued", 10.0, "waiting for cores")
+
+
 def publish(c: Cluster, **fields) -> int:
     """Publish one task as it is on the wire (no client checks); returns its id."""
     task_id = ids.new_id()
@@ -161,6 +170,18 @@ def test_a_pool_task_no_node_can_hold_is_rejected_and_blocks_nothing(small_clust
     task = c.wait_state(big, "rejected")
     assert "no online node" in task["message"], task["message"]
     assert ("64 cores" if "cores" in need else "500.0G") in task["message"], task["message"]
+
+
+def test_a_kill_wins_over_a_pool_task_no_node_can_hold(small_cluster):
+    c = small_cluster
+    for node in list(c.nodes):
+        c.kill(node, signal.SIGTERM)
+    big = publish(c, command="true", cores=64)  # waits in the pool: no runner is there
+    c.cli_ok("--kill", str(big))
+    for node in c.nodes:  # back before they could judge it: the kill comes first
+        c.start_runner(node)
+    task = c.wait_state(big, {"killed", "rejected"}, timeout=20)
+    assert (task["state"], task["message"]) == ("killed", "killed before it started")
 
 
 def start_runner(c: Cluster, node: str, **env: str) -> None:
