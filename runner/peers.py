@@ -48,6 +48,8 @@ class NodeView:
         reason = never_fits(task, self.capacity, where=f"node {self.name}")
         if reason is not None:
             return reason
+        if not self.executors:
+            return None  # a heartbeat that does not list them (an older runner): assume it can
         try:
             # only which executors exist matters here, not the executors themselves
             executor_for(task, dict.fromkeys(self.executors))

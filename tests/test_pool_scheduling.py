@@ -56,6 +56,7 @@ def test_pool_refusal_only_when_no_node_can_run_it():
     assert pool_refusal(pool_task(container="env"), nodes) == \
         "no online node can run it: container 'env' needs Docker; no online node has it"
     assert pool_refusal(pool_task(container="env"), [*nodes, NodeView.of(beat("n3", executors=["docker"]))]) is None
+    assert pool_refusal(pool_task(container="env"), [NodeView.of(beat("old", executors=[]))]) is None
 
 
 def test_peers_judge_only_after_listening_and_forget_the_silent():
