@@ -5,6 +5,9 @@ rest; ``--cores 0`` takes no core; a task without ``--memory`` reserves none.
 Tasks start in arrival order; a smaller task may pass one that does not fit yet,
 but once the oldest waiting task has been passed ``max_bypass`` times nothing
 passes it any more, so no task waits forever behind a stream of small ones.
+A task that does not start is told why (:meth:`Admission.why_waiting`), in words
+that name the resource it waits for and stay the same while it waits for it, so
+the runner can report a reason without an event per freed core.
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ class Capacity:
         return len(self.numa[numa].cpus) * min(1.0, self.cores / total_cpus)
 
 
+def never_fits(task: Task, cap: Capacity, where: str = "the node") -> str | None:
+    """Why a node of capacity ``cap`` can never run ``task``, or None (``where`` names it in the reason)."""
+    if task.numa is not None:
+        if task.numa not in cap.numa:
+            return f"{where} has no NUMA node {task.numa} (it has {sorted(cap.numa) or 'none'})"
+        if task.cores > cap.numa_cores(task.numa):
+            return f"{task.cores:g} cores requested; NUMA node {task.numa} offers {cap.numa_cores(task.numa):g}"
+    if task.cores > cap.cores:
+        return f"{task.cores:g} cores requested; {where} offers {cap.cores:g}"
+    if task.memory is not None and task.memory > cap.memory:
+        return f"{format_size(task.memory)} memory requested; {where} offers {format_size(cap.memory)}"
+    return None
+
+
 class Admission:
     def __init__(self, capacity: Capacity, max_bypass: int = 16):
         self.capacity = capacity
@@ -35,20 +52,11 @@ class Admission:
         self.memory_used = 0
         self.numa_used: dict[int, float] = {n: 0.0 for n in capacity.numa}
         self._bypassed: dict[int, int] = {}
+        self.holding: int | None = None  # the task the last choose() held everything behind
 
     def never_fits(self, task: Task) -> str | None:
         """Why this node can never run ``task``, or None."""
-        cap = self.capacity
-        if task.numa is not None:
-            if task.numa not in cap.numa:
-                return f"node has no NUMA node {task.numa} (it has {sorted(cap.numa) or 'none'})"
-            if task.cores > cap.numa_cores(task.numa):
-                return f"{task.cores:g} cores requested; NUMA node {task.numa} offers {cap.numa_cores(task.numa):g}"
-        if task.cores > cap.cores:
-            return f"{task.cores:g} cores requested; the node offers {cap.cores:g}"
-        if task.memory is not None and task.memory > cap.memory:
-            return f"{format_size(task.memory)} memory requested; the node offers {format_size(cap.memory)}"
-        return None
+        return never_fits(task, self.capacity)
 
     def fits(self, task: Task) -> bool:
         if self.cores_used + task.cores > self.capacity.cores + 1e-9:
@@ -76,6 +84,7 @@ class Admission:
         """Take and return the tasks of ``waiting`` (in arrival order) that start now."""
         started: list[Task] = []
         blocked: list[Task] = []
+        self.holding = None
         for task in waiting:
             if self.fits(task):
                 self.take(task)
@@ -85,10 +94,27 @@ class Admission:
             else:
                 blocked.append(task)
                 if self._bypassed.get(task.task_id, 0) >= self.max_bypass:
+                    self.holding = task.task_id
                     break  # passed often enough: hold everything behind it until it fits
         for task in started:
             self._bypassed.pop(task.task_id, None)
         return started
+
+    def why_waiting(self, task: Task) -> str:
+        """Why ``task`` (left waiting by the last :meth:`choose`) does not start now."""
+        cap = self.capacity
+        if task.numa is not None and (self.numa_used[task.numa] + task.cores
+                                      > cap.numa_cores(task.numa) + 1e-9):
+            return (f"waiting for cores on NUMA node {task.numa}: needs {task.cores:g} of its "
+                    f"{cap.numa_cores(task.numa):g}, other tasks hold them")
+        if self.cores_used + task.cores > cap.cores + 1e-9:
+            return f"waiting for cores: needs {task.cores:g} of the node's {cap.cores:g}, other tasks hold them"
+        if task.memory is not None and self.memory_used + task.memory > cap.memory:
+            return (f"waiting for memory: needs {format_size(task.memory)} of the node's "
+                    f"{format_size(cap.memory)}, other tasks hold it")
+        if self.holding is not None and self.holding != task.task_id:
+            return f"waiting behind task {self.holding}, which has waited longest (arrival order)"
+        return "waiting for its turn"
 
     def forget(self, task_id: int) -> None:
         self._bypassed.pop(task_id, None)

@@ -1,15 +1,18 @@
 """The runner: one per machine, the whole task life cycle on that machine.
 
     node queue ──► accept (store + ``queued`` event confirmed, then ack)
-    pool queue ──► accept only while there is room
+    pool queue ──► accept only while there is room; a task this node can never run
+                   is left to the others, or rejected when no online node can (peers)
                        │
                  waiting list ──► admission ──► executor.start ──► ``running``
+                       └──► why it waits (a ``queued`` event again, when the reason changes)
                                                      │
                               output files ──► chunks (bounded, by offset)
                                                      │
                                              executor.wait ──► flush output ──► final event
     control queue ──► kill (running: stop the process tree; waiting: never start it)
     every heartbeat_interval ──► heartbeat (resources, NUMA, running ids)
+    others' heartbeats ──► peers (who could run a pool task this node cannot)
 
 Every event leaves through the store's outbox, so none is lost while the broker
 is away. The runner only talks to executors through their interface.
@@ -31,7 +34,7 @@ from aio_pika.abc import AbstractIncomingMessage
 import hakuriver
 from hakuriver import broker
 from hakuriver.config import Config
-from hakuriver.messages import Heartbeat, Kill, NodeInfo, Task
+from hakuriver.messages import Heartbeat, Kill, NodeInfo, Task, one_line
 from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
 from runner.admission import Admission, Capacity
@@ -39,6 +42,7 @@ from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFaile
 from runner.executors.select import available_executors, executor_for, usable
 from runner.numa import detect_topology
 from runner.output import OutputStream
+from runner.peers import NodeView, Peers, pool_refusal
 from runner.policy import refusal
 from runner.store import RunnerStore
 
@@ -46,6 +50,15 @@ log = logging.getLogger(__name__)
 
 OUTPUT_POLL_S = 0.05
 FINISHED_KEEP_S = 7 * 24 * 3600
+# Why a task waits is worked out at most this often, and told only for tasks that have
+# waited this long and only when it changed: a task that starts at once costs no extra
+# event, and a long queue costs one event per task per change of reason, not per freed core.
+WAIT_REASON_EVERY_S = 1.0
+WAIT_REASONS_PER_PASS = 1000  # events per pass at most: a deep queue is told over a few passes
+# After a kill of a task this runner has not seen, it looks at the head of the pool for this
+# long even without room: the task may wait there, and the kill must end it now, not once
+# some node has room for it.
+KILL_LOOK_S = 5.0
 
 
 @dataclass
@@ -53,7 +66,7 @@ class Running:
     task: Task
     executor: Executor
     output: OutputStream
-    handle: Handle | None = None
+    handle: Handle | None = None  # None while the executor starts it (image load, ...)
     starting: asyncio.Future | None = None  # executor.start while it runs: a kill cancels it
     kill_requested: bool = False
     ending: bool = False  # its outcome is known; the final event is on its way
@@ -74,12 +87,16 @@ class Runner:
         self.admission = Admission(Capacity(cores, memory, self.numa))
         self.executors = executors if executors is not None else available_executors(config)
         self.waiting: list[Task] = []
+        self._told: dict[int, tuple[float, str]] = {}  # waiting task → (since, reason last told)
+        self._next_reasons = 0.0
         self.running: dict[int, Running] = {}
+        self.peers = Peers(self.node, config.timing.offline_after)
         self._background: set[asyncio.Task] = set()
         self._schedule_wakeup = asyncio.Event()
         self._pool_queue = None
         self._pool_tag: str | None = None
         self._pool_paused_until = 0.0
+        self._pool_look_until = 0.0
         self._connection = None
 
     # ---- life cycle -------------------------------------------------------------------
@@ -143,6 +160,11 @@ class Runner:
         await control.bind(exchanges.control, ALL_NODES_KEY)
         await queue.consume(self._on_task_message)
         await control.consume(self._on_control_message)
+        beats = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await beats.bind(exchanges.events, self.topo.heartbeat_key("*"))
+        self.peers.restart()
+        await beats.consume(self._on_heartbeat, no_ack=True)
+        self._connection.reconnect_callbacks.add(lambda *_: self.peers.restart())
 
         pool_channel = await self._connection.channel(publisher_confirms=True)
         await pool_channel.set_qos(prefetch_count=1)
@@ -173,25 +195,29 @@ class Runner:
 
     async def _on_task_message(self, message: AbstractIncomingMessage) -> None:
         if (task := await self._parse_task(message)) is not None:
-            await self._accept(task, message)
+            await self._accept(task, message, self._cannot_run(task) or refusal(task, self.config.node))
 
-    async def _accept(self, task: Task, message: AbstractIncomingMessage) -> None:
+    async def _accept(self, task: Task, message: AbstractIncomingMessage, rejection: str | None) -> None:
+        """Make ``task`` ours: record it and its first event, then ack. A kill that came
+        first wins over ``rejection`` (why this node refuses it, if it does)."""
         if self.store.has(task.task_id):  # redelivered: already ours
             await message.ack()
             return
         if self.store.take_tombstone(task.task_id):
             row = self.store.accept(task, TaskState.KILLED, message="killed before it started")
-        elif (reason := self._rejection(task)) is not None:
-            row = self.store.accept(task, TaskState.REJECTED, message=reason)
+        elif rejection is not None:
+            row = self.store.accept(task, TaskState.REJECTED, message=rejection)
         else:
             row = self.store.accept(task)
             self.waiting.append(task)
+            self._told[task.task_id] = (time.monotonic(), "")
             self._schedule_wakeup.set()
         await self.store.outbox.wait_confirmed(row)
         await message.ack()
 
-    def _rejection(self, task: Task) -> str | None:
-        reason = self.admission.never_fits(task) or refusal(task, self.config.node)
+    def _cannot_run(self, task: Task) -> str | None:
+        """Why this node can never run ``task`` (its size, or no executor of its kind), or None."""
+        reason = self.admission.never_fits(task)
         if reason is not None:
             return reason
         try:
@@ -200,24 +226,52 @@ class Runner:
             return str(exc)
         return None
 
+    def _pool_verdict(self, task: Task) -> tuple[bool, str | None]:
+        """Whether to take pool ``task`` now, and if so, why it is rejected (None: it runs).
+
+        A task killed already (or ours already) is taken whatever it needs: a kill always
+        wins. A task this node can never run is left to the others while some online node
+        could run it, and rejected only when none can."""
+        if self.store.has(task.task_id) or self.store.has_tombstone(task.task_id):
+            return True, None
+        if self._cannot_run(task) is None:
+            # It can run here. Taken while a core is free even if it does not fit yet: it then
+            # waits here (and this runner takes nothing more from the pool until it starts)
+            # instead of at the head of the pool, where it would hold back tasks that fit elsewhere.
+            return self.admission.has_room_for_more() and not self.waiting, refusal(task, self.config.node)
+        if not self.peers.settled():
+            return False, None  # not everyone heard yet: do not judge
+        rejection = pool_refusal(task, [self._view(), *self.peers.online()])
+        return rejection is not None, rejection
+
+    def _view(self) -> NodeView:
+        return NodeView(self.node, self.admission.capacity, frozenset(self.executors))
+
     async def _on_pool_message(self, message: AbstractIncomingMessage) -> None:
         if (task := await self._parse_task(message)) is None:
             return
-        if not self.store.has(task.task_id) and (self.admission.never_fits(task) or not self.admission.fits(task)
-                                                 or self.waiting):
-            # not room for it here now: leave it for another node, look again when a task ends
+        take, rejection = self._pool_verdict(task)
+        if not take:
+            # not for this node now: leave it to another node, look again in a second
             await message.nack(requeue=True)
             self._pool_paused_until = time.monotonic() + 1.0
             await self._update_pool_consumer()
             return
-        await self._accept(task, message)
+        await self._accept(task, message, rejection)
         await self._update_pool_consumer()
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.peers.heard(Heartbeat.from_bytes(message.body))
+        except ValueError as exc:  # the host dead-letters bad heartbeats; here it is only not heard
+            log.debug("heartbeat ignored: %s", one_line(exc))
 
     async def _update_pool_consumer(self) -> None:
         if self._pool_queue is None:
             return
-        want = (self.admission.has_room_for_more() and not self.waiting
-                and time.monotonic() >= self._pool_paused_until)
+        now = time.monotonic()
+        room = self.admission.has_room_for_more() and not self.waiting
+        want = (room or now < self._pool_look_until) and now >= self._pool_paused_until
         try:
             if want and self._pool_tag is None:
                 self._pool_tag = await self._pool_queue.consume(self._on_pool_message)
@@ -254,12 +308,16 @@ class Runner:
         waiting = next((t for t in self.waiting if t.task_id == task_id), None)
         if waiting is not None:
             self.waiting.remove(waiting)
+            self._told.pop(task_id, None)
             self.admission.forget(task_id)
             self.store.transition(task_id, TaskState.KILLED, message="killed before it started")
             return
         if not self.store.has(task_id):
-            # not here (yet): if it arrives later it must never run
+            # not here (yet): if it arrives later it must never run; it may wait in the pool
             self.store.add_tombstone(task_id)
+            self._pool_look_until = time.monotonic() + KILL_LOOK_S
+            self._pool_paused_until = 0.0
+            await self._update_pool_consumer()
 
     # ---- running ----------------------------------------------------------------------
 
@@ -272,8 +330,31 @@ class Runner:
             self._schedule_wakeup.clear()
             for task in self.admission.choose(self.waiting):
                 self.waiting.remove(task)
+                self._told.pop(task.task_id, None)
                 self._spawn(self._run(task))
+            self._tell_why_waiting()
             await self._update_pool_consumer()
+
+    def _tell_why_waiting(self) -> None:
+        """Send a ``queued`` event again, with the reason as its message, for each task
+        that has waited a while and whose reason changed (bounded: see WAIT_REASON_EVERY_S)."""
+        now = time.monotonic()
+        if now < self._next_reasons:
+            return
+        self._next_reasons = now + WAIT_REASON_EVERY_S
+        news: dict[int, str] = {}
+        for task in self.waiting:
+            since, told = self._told.get(task.task_id, (now, ""))
+            if now - since < WAIT_REASON_EVERY_S:
+                continue
+            reason = self.admission.why_waiting(task)
+            if reason != told:
+                news[task.task_id] = reason
+                self._told[task.task_id] = (since, reason)
+                if len(news) >= WAIT_REASONS_PER_PASS:
+                    break
+        if news:
+            self.store.tell_waiting(news)
 
     def _spec(self, task: Task) -> RunSpec:
         env = {  # the task's own variables only: nothing of the runner's environment (README "Host tasks")
@@ -301,6 +382,9 @@ class Runner:
         executor = executor_for(task, self.executors, now=False)
         running = Running(task, executor, self._output_stream(task.task_id, spec))
         self.running[task.task_id] = running
+        # a slow start (a container image to load) is told like any other wait
+        telling = asyncio.get_running_loop().call_later(WAIT_REASON_EVERY_S, self.store.tell_waiting, {
+            task.task_id: f"starting: the {executor.name} executor prepares it (a container image may be loading)"})
         try:
             try:
                 running.starting = asyncio.ensure_future(executor.start(task, spec))
@@ -317,6 +401,7 @@ class Runner:
                 await self._finish(running, TaskState.FAILED, None, str(exc))
                 return
             running.handle = handle
+            telling.cancel()
             message = f"limits not enforced: {', '.join(handle.unenforced)}" if handle.unenforced else ""
             self.store.transition(task.task_id, TaskState.RUNNING, handle=handle.to_dict(), message=message,
                                   unenforced=handle.unenforced)
@@ -327,6 +412,8 @@ class Runner:
             log.exception("task %s: runner error", task.task_id)
             if task.task_id in self.running:
                 await self._finish(running, TaskState.FAILED, None, f"runner error: {exc}")
+        finally:
+            telling.cancel()
 
     async def _watch(self, running: Running) -> None:
         outcome = await running.executor.wait(running.handle)
@@ -402,6 +489,7 @@ class Runner:
                     self.store.transition(task.task_id, TaskState.KILLED, message="killed before it started")
                 else:
                     self.waiting.append(task)
+                    self._told[task.task_id] = (time.monotonic(), "")
                 continue
             spec = self._spec(task)
             output = self._output_stream(task.task_id, spec, {"stdout": stored.stdout_sent,
@@ -455,9 +543,11 @@ class Runner:
             cpu_percent=psutil.cpu_percent(None), memory_percent=memory.percent,
             # A task whose end is known is no longer reported as running: after a restart
             # a task that could not be followed must not look alive (and undo the host's
-            # "lost") for the moment before its own "lost" event arrives.
-            running=sorted(i for i, r in self.running.items() if not r.ending),
-            queued=[t.task_id for t in self.waiting],
+            # "lost") for the moment before its own "lost" event arrives. One still being
+            # started (a container whose image loads) is queued, as its state says.
+            running=sorted(i for i, r in self.running.items() if r.handle is not None and not r.ending),
+            queued=[t.task_id for t in self.waiting]
+            + sorted(i for i, r in self.running.items() if r.handle is None and not r.ending),
             version=hakuriver.__version__, executors=usable(self.executors), unenforced=unenforced,
             stopping=stopping)
 

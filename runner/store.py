@@ -92,6 +92,16 @@ class RunnerStore:
         event = StateEvent(task_id=task_id, node=self.node, state=state, seq=seq, **fields)
         return self.outbox.add(self.topo.events, self.topo.state_key(task_id), event.to_bytes())
 
+    def tell_waiting(self, reasons: dict[int, str]) -> None:
+        """Queue a ``queued`` event again for each waiting task, its message saying why it
+        waits, all in one transaction (a long queue is told in one commit, not one each).
+        A task that is no longer ``queued`` is left alone: a reason never reopens a task."""
+        with self.db:
+            for task_id, reason in reasons.items():
+                row = self.db.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                if row is not None and row[0] == TaskState.QUEUED:
+                    self._event(task_id, TaskState.QUEUED, message=reason)
+
     def set_outcome(self, task_id: int, outcome: dict[str, Any]) -> None:
         """How the task ended, kept until its output is flushed and its final event queued."""
         with self.db:
@@ -109,6 +119,9 @@ class RunnerStore:
         """A kill for a task this runner has not seen: if it arrives later, it never runs."""
         with self.db:
             self.db.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)", (task_id, time.time()))
+
+    def has_tombstone(self, task_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM tombstones WHERE task_id = ?", (task_id,)).fetchone() is not None
 
     def take_tombstone(self, task_id: int) -> bool:
         with self.db:

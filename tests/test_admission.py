@@ -68,3 +68,27 @@ def test_what_never_fits_says_why():
     assert "NUMA node 0 offers 2" in a.never_fits(task(3, numa=0))
     assert "memory requested" in a.never_fits(task(1, memory=9 * GIB))
     assert a.never_fits(task(4)) is None
+
+
+def test_why_a_task_waits_names_the_resource_and_stays_the_same_while_it_waits():
+    a = admission(cores=4, memory=8 * GIB)
+    running = [task(2, memory=GIB), task(1, numa=1)]
+    assert a.choose(running) == running
+    cores, numa, memory = task(2), task(2, numa=1), task(1, memory=8 * GIB)
+    assert a.choose([cores, numa, memory]) == []
+    assert a.why_waiting(cores) == "waiting for cores: needs 2 of the node's 4, other tasks hold them"
+    assert a.why_waiting(numa) == "waiting for cores on NUMA node 1: needs 2 of its 2, other tasks hold them"
+    assert a.why_waiting(memory) == "waiting for memory: needs 8.0G of the node's 8.0G, other tasks hold it"
+    a.take(task(1))  # one more core taken: the reasons stay the same (no event per freed or taken core)
+    assert a.why_waiting(cores) == "waiting for cores: needs 2 of the node's 4, other tasks hold them"
+
+
+def test_tasks_held_behind_the_oldest_say_so():
+    a = admission(cores=2, max_bypass=1)
+    a.take(task(1))
+    big, small, after = task(2), task(1), task(1)
+    assert a.choose([big, small]) == [small]  # passed once: from now on it holds the rest
+    a.release(small)
+    assert a.choose([big, after]) == []
+    assert a.holding == big.task_id
+    assert a.why_waiting(after) == f"waiting behind task {big.task_id}, which has waited longest (arrival order)"

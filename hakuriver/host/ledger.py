@@ -35,6 +35,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from hakuriver.host.waiting import waiting_reason
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TERMINAL, TaskState
 
@@ -140,7 +141,8 @@ def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
         # A terminal event need not repeat what its running event said was unenforced.
         row["unenforced"] = list(ev.unenforced)
     if ev.state is TaskState.QUEUED:
-        row["queued_at"] = ev.time
+        # a runner sends ``queued`` again to say why the task still waits: it queued at the first
+        row["queued_at"] = ev.time if row["queued_at"] is None else min(row["queued_at"], ev.time)
     elif ev.state is TaskState.RUNNING:
         row["started_at"] = ev.time
         row["finished_at"] = None  # back from a host-marked "lost"
@@ -375,11 +377,17 @@ class Ledger:
     # -- queries ---------------------------------------------------------------------
 
     async def get_tasks(self, task_ids: Iterable[int]) -> list[dict[str, Any]]:
-        """Tasks by id, in the order asked; unknown ids are left out."""
+        """Tasks by id, in the order asked; unknown ids are left out. A task not started
+        yet says why it waits (:func:`~hakuriver.host.waiting.waiting_reason`)."""
         ids = list(dict.fromkeys(task_ids))
         async with self.engine.connect() as conn:
             rows = await self._load_rows(conn, set(ids))
-        return [task_dict(rows[task_id]) for task_id in ids if task_id in rows]
+        tasks = [task_dict(rows[task_id]) for task_id in ids if task_id in rows]
+        if any(t["state"] in (TaskState.PENDING.value, TaskState.QUEUED.value) for t in tasks):
+            nodes = {node["name"]: node for node in await self.list_nodes()}
+            for t in tasks:
+                t["message"] = waiting_reason(t, nodes)
+        return tasks
 
     async def list_tasks(self, state: str | None = None, node: str | None = None, batch: int | None = None,
                          limit: int = DEFAULT_LIST_LIMIT, before: int | None = None) -> list[dict[str, Any]]:
