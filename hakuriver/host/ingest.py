@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hakuriver.bounds import INT64
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task, one_line
 from hakuriver.states import TaskState
-
-INT64 = 1 << 63
 
 
 class Malformed(ValueError):
