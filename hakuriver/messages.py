@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
+                      field_validator)
 
 from hakuriver.bounds import (MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_MEMORY,
                               MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
@@ -97,12 +97,13 @@ class Task(Message):
     submit_host: str = ""
     submitted_at: float = Field(default_factory=time.time)
 
-    @model_validator(mode="after")
-    def _bounded_command_line(self) -> "Task":
-        size = sum(_utf8_len(text) for text in (self.command, *self.args))
+    @field_validator("args")
+    @classmethod
+    def _bounded_command_line(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        size = sum(_utf8_len(text) for text in (info.data.get("command", ""), *value))
         if size > MAX_ARG_BYTES:
             raise ValueError(f"command and arguments are {size} bytes, over the {MAX_ARG_BYTES} byte bound")
-        return self
+        return value
 
     @field_validator("env")
     @classmethod
@@ -231,5 +232,5 @@ def one_line(exc: Exception) -> str:
         where = ".".join(str(part) for part in error["loc"]) or "message"
         value = error.get("input")
         shown = f" (got {value!r})" if isinstance(value, (int, float, str)) and len(repr(value)) <= 60 else ""
-        return f"{where}: {error['msg']}{shown}"
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}{shown}"
     return " ".join(str(exc).split())
