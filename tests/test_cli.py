@@ -340,6 +340,18 @@ def test_help_is_fast_and_lists_options():
     print(f"hakuriver.client --help: {elapsed * 1000:.0f} ms")
 
 
+def loaded_after(statement: str, modules: set[str]) -> set[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after running ``statement``."""
+    probe = f"import sys; {statement}; print(' '.join(sorted({sorted(modules)!r} & sys.modules.keys())))"
+    result = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+def test_cli_and_session_do_not_import_each_other_and_help_loads_nothing_heavy():
+    assert loaded_after("import client.session", {"client.cli"}) == set()
+    assert loaded_after("import client.cli", {"client.session", "client.requests", "pydantic", "aio_pika"}) == set()
+
+
 def test_follow_streams_output_live(seed_cluster):
     c = seed_cluster
     script = "for i in 1 2 3; do echo tick $i; sleep 0.2; done; echo done >&2; exit 4"
