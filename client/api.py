@@ -1,8 +1,9 @@
 """The client's conversation with the broker, usable from Python as well as from the CLI.
 
 Submitting needs only the broker: targets are checked against each runner's retained
-node info, task messages go out ``mandatory`` with pipelined publisher confirms, and
-``wait`` listens on the events exchange (subscribed before publishing, so no event
+node info, every task is encoded and checked against the receivers' bounds before the
+first one goes out, task messages go out ``mandatory`` with pipelined publisher confirms,
+and ``wait`` listens on the events exchange (subscribed before publishing, so no event
 can slip by). Queries go to the host over RPC.
 
     async with Client(config) as client:
@@ -11,6 +12,10 @@ can slip by). Queries go to the host over RPC.
         waiter = await client.waiter([t.task_id for t in tasks])
         await client.submit(tasks)
         results = await waiter.wait()
+
+Callbacks (``on_confirmed``, a waiter's ``on_state`` and ``on_output``) run inside the
+broker library's consumer; an exception one raises ends the wait with that exception
+instead of being lost there.
 """
 
 from __future__ import annotations
@@ -26,19 +31,33 @@ from typing import Any, Callable, Iterable
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from pydantic import ValidationError
+
 from hakuriver import broker, ids, rpc
 from hakuriver.rpc import HostUnavailable
 from hakuriver.config import Config
-from hakuriver.messages import Kill, NodeInfo, OutputChunk, StateEvent, Task
+from hakuriver.messages import Kill, MessageTooLarge, NodeInfo, OutputChunk, StateEvent, Task, one_line
+from hakuriver.sizes import format_size
 from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology, parse_target
 
-PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.state and filters
+PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.<kind> and filters
 PUBLISH_WINDOW = 512            # publishes awaiting their confirm at once
+POOL_CHECK_TIMEOUT = 2.0        # how long a pool submission asks the host for its nodes' sizes
+
+Output = Callable[[str, bytes], None]   # (stream, bytes) of a followed task's output
 
 
 class BadRequest(Exception):
-    """Bad input found only with the broker's help (unknown node, NUMA id); exit code 2."""
+    """Bad input found only with the broker's help (unknown node, NUMA id, a task over a
+    bound or bigger than any node); exit code 2."""
+
+
+def write_output(stream: str, data: bytes) -> None:
+    """The default for followed output: the task's stdout on ours, its stderr on ours."""
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    out.write(data)
+    out.flush()
 
 
 @dataclass
@@ -127,59 +146,113 @@ class Client:
         common = dict(batch_id=batch, command=spec.command, env=spec.env, cores=spec.cores, memory=spec.memory,
                       container=spec.container, privileged=spec.privileged, mounts=spec.mounts,
                       user=user, submit_host=host, submitted_at=now)
-        if arg_lists is None:
-            return [Task(task_id=ids.new_id(), args=spec.args, target=node, numa=numa, **common)
-                    for node, numa in parsed]
-        return [Task(task_id=ids.new_id(), args=args, target=parsed[i % len(parsed)][0],
-                     numa=parsed[i % len(parsed)][1], **common)
-                for i, args in enumerate(arg_lists)]
+        try:
+            if arg_lists is None:
+                return [Task(task_id=ids.new_id(), args=spec.args, target=node, numa=numa, **common)
+                        for node, numa in parsed]
+            return [Task(task_id=ids.new_id(), args=args, target=parsed[i % len(parsed)][0],
+                         numa=parsed[i % len(parsed)][1], **common)
+                    for i, args in enumerate(arg_lists)]
+        except ValidationError as exc:  # the receivers' own rules, said in one line
+            raise BadRequest(f"invalid task: {one_line(exc)}") from None
 
     async def node_info(self, node: str) -> NodeInfo | None:
         """The runner's retained self-description; None if the node is unknown to the broker."""
+        found = await self._node_view(node)
+        return None if found is None else found[0]
+
+    async def _node_view(self, node: str) -> tuple[NodeInfo, bool] | None:
+        """The node's info and whether its runner is connected now (it consumes its control
+        queue whenever it is); None if the node is unknown to the broker."""
         channel = await self._connection.channel()
         try:
             queue = await channel.declare_queue(self.topo.nodeinfo_queue(node), passive=True)
+            control = await channel.declare_queue(self.topo.control_queue(node), passive=True)
         except aio_pika.exceptions.ChannelClosed:
             return None
+        connected = control.declaration_result.consumer_count > 0
         try:
             for _ in range(50):  # another client may hold the one message for a moment
                 message = await queue.get(no_ack=False, fail=False)
                 if message is not None:
                     await message.nack(requeue=True)
-                    return NodeInfo.from_bytes(message.body)
+                    return NodeInfo.from_bytes(message.body), connected
                 await asyncio.sleep(0.01)
-            return NodeInfo(node=node)
+            return NodeInfo(node=node), connected
         finally:
             await channel.close()
 
-    async def check_targets(self, tasks: list[Task]) -> None:
-        """Refuse unknown nodes and NUMA ids a node does not have, before anything is published."""
+    async def check_targets(self, tasks: list[Task]) -> list[str]:
+        """Refuse what can never run, before anything is published: unknown nodes, NUMA ids a
+        node does not have, more cores or memory than the node (or, for the pool, any node)
+        has. Returns notes for people: targeted nodes whose runner is not connected now."""
         wanted: dict[str, set[int]] = {}
         for task in tasks:
             if task.target != POOL_KEY:
                 wanted.setdefault(task.target, set())
                 if task.numa is not None:
                     wanted[task.target].add(task.numa)
-        infos = await asyncio.gather(*(self.node_info(node) for node in wanted))
-        for (node, numas), info in zip(wanted.items(), infos):
-            if info is None:
+        cores, memory = max((t.cores for t in tasks), default=0), max((t.memory or 0 for t in tasks), default=0)
+        views = await asyncio.gather(*(self._node_view(node) for node in wanted))
+        notes = []
+        for (node, numas), view in zip(wanted.items(), views):
+            if view is None:
                 raise BadRequest(f"unknown node {node!r}")
+            info, connected = view
             missing = sorted(n for n in numas if info.numa and n not in info.numa)
             if missing:
                 raise BadRequest(f"node {node!r} has no NUMA node {missing[0]} "
                                  f"(it has {', '.join(map(str, info.numa))})")
+            if info.cores and cores > info.cores:  # 0: an old runner that did not say
+                raise BadRequest(f"--cores {cores:g} is more than node {node!r} has ({info.cores:g})")
+            if info.memory and memory > info.memory:
+                raise BadRequest(f"--memory {format_size(memory)} is more than node {node!r} has "
+                                 f"({format_size(info.memory)})")
+            if not connected:
+                notes.append(f"node {node!r} is offline (its runner is not connected); "
+                             "the task waits in its queue until it comes back")
+        pool = [t for t in tasks if t.target == POOL_KEY and (t.cores or t.memory)]
+        if pool:
+            await self._check_pool_fits(max(t.cores for t in pool), max(t.memory or 0 for t in pool))
+        return notes
+
+    async def _check_pool_fits(self, cores: float, memory: int) -> None:
+        """Refuse a pool task that no node the host knows could ever hold (it would wait
+        forever). Without an answer from the host the check is skipped: submitting needs
+        the broker only."""
+        try:
+            nodes = (await self.query("list_nodes", {}, timeout=POOL_CHECK_TIMEOUT))["nodes"]
+        except (HostUnavailable, BadRequest):
+            return
+        sizes = [(n.get("cores_total") or 0, n.get("memory_total") or 0) for n in nodes]
+        if not sizes or any(c >= cores and (not memory or m >= memory) for c, m in sizes):
+            return
+        most_cores, most_memory = max(c for c, _ in sizes), max(m for _, m in sizes)
+        if cores > most_cores:
+            raise BadRequest(f"no node can ever hold --cores {cores:g} (the most any node has is {most_cores:g})")
+        if memory > most_memory:
+            raise BadRequest(f"no node can ever hold --memory {format_size(memory)} "
+                             f"(the most any node has is {format_size(most_memory)})")
+        raise BadRequest(f"no node can ever hold --cores {cores:g} together with --memory {format_size(memory)}")
 
     async def submit(self, tasks: list[Task], on_confirmed: Callable[[Task], None] | None = None) -> None:
         """Publish the tasks, pipelined, confirms awaited.
 
-        ``on_confirmed`` is called in submission order once a task is safely with the broker
-        (the CLI prints its id then). A task that comes back unroutable raises BadRequest.
+        Every task is encoded first: one that its receivers would refuse for its size
+        raises BadRequest before anything is published. ``on_confirmed`` is called in
+        submission order once a task is safely with the broker (the CLI prints its id then).
+        A task that comes back unroutable raises BadRequest.
         """
+        try:
+            bodies = [task.to_bytes() for task in tasks]
+        except MessageTooLarge as exc:
+            raise BadRequest(str(exc)) from None
         exchanges = await self.exchanges()
         returned: list[str] = []
         for start in range(0, len(tasks), PUBLISH_WINDOW):
             window = tasks[start:start + PUBLISH_WINDOW]
-            results = await asyncio.gather(*(self._publish_task(exchanges, task) for task in window))
+            results = await asyncio.gather(*(self._publish_task(exchanges, task, body) for task, body
+                                             in zip(window, bodies[start:start + PUBLISH_WINDOW])))
             for task, result in zip(window, results):
                 if result is not None:
                     returned.append(task.routing_key)
@@ -190,13 +263,14 @@ class Client:
             if returned:
                 raise BadRequest(f"unknown node {next(key for key in returned if key != POOL_KEY)!r}")
 
-    async def _publish_task(self, exchanges: broker.Exchanges, task: Task):
-        """Publish one task; returns the returned message if the broker could not route it.
+    async def _publish_task(self, exchanges: broker.Exchanges, task: Task, body: bytes):
+        """Publish one task (``body``, its encoding); returns the returned message if the
+        broker could not route it.
 
         The ledger queue is bound to the tasks exchange too, so this one publish is
         also the task's ``pending`` event for the host.
         """
-        result = await exchanges.tasks.publish(broker.persistent(task.to_bytes()),
+        result = await exchanges.tasks.publish(broker.persistent(body),
                                                routing_key=task.routing_key, mandatory=True)
         return result if hasattr(result, "delivery") else None
 
@@ -210,23 +284,24 @@ class Client:
         await self.submit(tasks)
         return await waiter.wait(timeout)
 
-    async def waiter(self, task_ids: list[int], follow: bool = False) -> "Waiter":
-        waiter = Waiter(self, task_ids, follow)
+    async def waiter(self, task_ids: list[int], follow: bool = False, on_output: Output = write_output) -> "Waiter":
+        waiter = Waiter(self, task_ids, follow, on_output)
         await waiter.subscribe()
         return waiter
 
     # ---- control and queries ----------------------------------------------------------
 
     async def kill(self, task_id: int) -> dict[str, Any] | None:
-        """Send a kill to the task's node (or to every node if the host does not know it yet).
+        """Send a kill to the task's node, or to every node (routing key ``all``) while the
+        host does not know the task's node: the host may not have recorded a task that was
+        just submitted, and a runner that receives the task later never runs it.
 
-        Returns the task as the ledger had it, or None if the host could not be asked."""
+        Returns the task as the ledger had it; None if the ledger has no record of it (yet)
+        or the host could not be asked."""
         try:
             found = (await self.query("status", {"task_ids": [task_id]}, timeout=3.0))["tasks"]
         except HostUnavailable:
-            found = None
-        if found == []:
-            raise BadRequest(f"unknown task {task_id}")
+            found = []
         task = found[0] if found else None
         if task is not None and TaskState(task["state"]).terminal:
             return task
@@ -243,6 +318,20 @@ class Client:
             return await self._rpc.call(method, params, timeout=timeout)
         except rpc.RpcError as exc:
             raise BadRequest(str(exc)) from None
+
+    async def list_tasks(self, limit: int = 50, before: int | None = None, **filters: Any
+                         ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to ``limit`` task summaries, newest first, asking page by page (the host bounds
+        each reply in bytes); and the cursor for the next page (``before``), None at the end.
+        ``filters``: state, node, batch."""
+        tasks: list[dict[str, Any]] = []
+        while len(tasks) < limit:
+            page = await self.query("list_tasks", {**filters, "limit": limit - len(tasks), "before": before})
+            tasks += page["tasks"]
+            before = page.get("next_before")
+            if before is None or not page["tasks"]:
+                return tasks, None
+        return tasks, before
 
     async def read_output(self, task_id: int, stream: str, write: Callable[[bytes], None],
                           follow: bool = False) -> dict[str, Any]:
@@ -267,12 +356,15 @@ class Client:
 class Waiter:
     """Follows the events of some tasks until each one is terminal."""
 
-    def __init__(self, client: Client, task_ids: list[int], follow: bool):
+    def __init__(self, client: Client, task_ids: list[int], follow: bool, on_output: Output = write_output):
         self.client = client
+        self.task_ids = frozenset(task_ids)
         self.pending = set(task_ids)
         self.results: dict[int, StateEvent] = {}
         self.follow = follow
         self.on_state: Callable[[StateEvent], None] | None = None
+        self.on_output = on_output
+        self._failure: BaseException | None = None   # raised by a callback; ends the wait
         self._done = asyncio.Event()
         self._written: dict[tuple[int, str], int] = {}  # bytes of each task's stream written so far
         if not self.pending:
@@ -282,26 +374,29 @@ class Waiter:
         queue = await self.client._events()
         exchange = self.client._events_exchange
         self._keys: list[str] = []
-        if len(self.pending) <= PER_TASK_BINDINGS_UP_TO:
-            for task_id in self.pending:
-                self._keys.append(Topology.state_key(task_id))
-                if self.follow:
-                    self._keys += [Topology.output_key(task_id, "stdout"), Topology.output_key(task_id, "stderr")]
-        else:
-            self._keys.append("task.*.state")
+        # Many tasks: one wildcard binding per kind instead of thousands, the others' events filtered here.
+        self._wildcard = len(self.pending) > PER_TASK_BINDINGS_UP_TO
+        for task_id in ["*"] if self._wildcard else self.pending:  # "*": any one word of a topic key
+            self._keys.append(Topology.state_key(task_id))
+            if self.follow:
+                self._keys += [Topology.output_key(task_id, "stdout"), Topology.output_key(task_id, "stderr")]
         self.client._waiters.add(self)
         await asyncio.gather(*(queue.bind(exchange, key) for key in self._keys))
 
     def on_message(self, message: AbstractIncomingMessage) -> None:
         key = message.routing_key or ""
-        if key.endswith(".state"):
-            try:
-                event = StateEvent.from_bytes(message.body)
-            except ValueError:
-                return
-            self._record(event)
-        elif self.follow:
-            self._write_chunk(message)
+        try:
+            if key.endswith(".state"):
+                try:
+                    event = StateEvent.from_bytes(message.body)
+                except ValueError:
+                    return
+                self._record(event)
+            elif self.follow:
+                self._write_chunk(message)
+        except Exception as exc:  # from a callback: end the wait with it, not lost in aio-pika's consumer
+            self._failure = exc
+            self._done.set()
 
     def _record(self, event: StateEvent) -> None:
         if event.task_id not in self.pending:
@@ -320,13 +415,13 @@ class Waiter:
             chunk = OutputChunk.from_headers(message.headers or {}, message.body)
         except ValueError:
             return
+        if chunk.task_id not in self.task_ids:
+            return  # another client's task, under a wildcard binding
         already = self._written.get((chunk.task_id, chunk.stream), 0)
         end = chunk.offset + len(message.body)
         if end <= already or chunk.offset > already:
             return  # a duplicate, or ahead of a gap (the ledger still has every byte)
-        out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
-        out.write(message.body[already - chunk.offset:])
-        out.flush()
+        self.on_output(chunk.stream, message.body[already - chunk.offset:])
         self._written[(chunk.task_id, chunk.stream)] = end
 
     async def catch_up(self) -> None:
@@ -348,8 +443,10 @@ class Waiter:
             await asyncio.wait_for(self._done.wait(), timeout)
         finally:
             self.client._waiters.discard(self)
-        if self._keys != ["task.*.state"]:  # per-task bindings are of no use to anyone now
+        if not self._wildcard:  # per-task bindings are of no use to anyone now (a wildcard may be shared)
             self.client._in_background(self._unbind())
+        if self._failure is not None:
+            raise self._failure
         return self.results
 
     async def _unbind(self) -> None:

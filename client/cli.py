@@ -3,24 +3,30 @@
 Only click is imported at start-up; the broker client, pydantic and the rest load
 once the command line is known to be good, so ``--help`` and usage errors are fast.
 Everything for a person goes to stderr; stdout carries only task ids (on submit) or
-the query's answer, so ``TASK=$(hakuriver.client --wait ...)`` holds the id.
-
-Exit codes: 0 ok (with --wait: every task completed); the task's own exit code when
-one task failed with one; 1 other failures (failed/killed/lost/rejected); 2 bad input;
-3 broker or host unreachable, or --timeout passed.
+the query's answer (a task's output included), so ``TASK=$(hakuriver.client --wait ...)``
+holds the id. The command line becomes one typed request (:mod:`client.requests`) that
+:mod:`client.session` carries out; exit codes are in :mod:`client.exits`.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+from client.exits import EXIT_USAGE
+from hakuriver import bounds
+from hakuriver.cli_options import config_option
+
+if TYPE_CHECKING:  # building dataclasses costs start-up time; --help needs none of them
+    from client.requests import Request, SubmitRequest
+
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-QUERY_OPTIONS = ("status", "stdout", "stderr", "kill", "list_tasks", "list_nodes", "health")
+# query option -> the name click gives its value
+QUERY_OPTIONS = {"status": "status_ids", "stdout": "stdout_id", "stderr": "stderr_id", "kill": "kill_id",
+                 "list_tasks": "list_tasks", "list_nodes": "list_nodes", "health": "health"}
 
 
 class UsageError(Exception):
@@ -33,7 +39,7 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 def _task_id(text: str, option: str) -> int:
-    if not text.isdigit():
+    if not text.isdigit() or int(text) >= bounds.INT64:
         raise UsageError(f"invalid task id {text!r} for {option}")
     return int(text)
 
@@ -53,9 +59,9 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--sweep", is_flag=True, help="Expand span:{a..b} / span:[x,y] in the command: one task per combination.")
 @click.option("--timeout", type=float, metavar="SECONDS", help="With --wait: give up after this long (exit 3).")
 @click.option("--status", "status_ids", multiple=True, metavar="ID", help="Show a task's status (repeatable).")
-@click.option("--stdout", "stdout_id", metavar="ID", help="Print a task's stdout.")
-@click.option("--stderr", "stderr_id", metavar="ID", help="Print a task's stderr.")
-@click.option("--kill", "kill_id", metavar="ID", help="Kill a task (running or waiting).")
+@click.option("--stdout", "stdout_id", metavar="ID", help="Print a task's stdout (on our stdout).")
+@click.option("--stderr", "stderr_id", metavar="ID", help="Print a task's stderr (on our stdout too).")
+@click.option("--kill", "kill_id", metavar="ID", help="Kill a task (running, waiting, or not recorded yet).")
 @click.option("--list-tasks", is_flag=True, help="List tasks, newest first.")
 @click.option("--list-nodes", is_flag=True, help="List nodes with resources and health.")
 @click.option("--health", is_flag=False, flag_value="*", default=None, metavar="[NODE]",
@@ -63,10 +69,10 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--state", metavar="STATE", help="--list-tasks: only this state.")
 @click.option("--node", metavar="NODE", help="--list-tasks: only this node.")
 @click.option("--batch", metavar="BATCH", help="--list-tasks: only this batch.")
-@click.option("--limit", metavar="N", help="--list-tasks: at most N (default 50).")
+@click.option("--limit", metavar="N", help=f"--list-tasks: at most N (default 50, at most {bounds.MAX_LIST_LIMIT}).")
+@click.option("--before", metavar="ID", help="--list-tasks: only tasks older than ID (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--config", "config_file", metavar="FILE", help="Config file (default: $HAKURIVER_CONFIG, "
-              "then ~/.hakuriver/config.toml).")
+@config_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def main(**options) -> None:
     """Run COMMAND on a HakuRiver node, or query and control tasks.
@@ -85,15 +91,13 @@ def main(**options) -> None:
     sys.exit(run(request))
 
 
-def _validate(o: dict) -> dict:
+def _validate(o: dict) -> Request:
     """Check everything that can be checked without the broker; returns the request."""
-    queries = [name for name in QUERY_OPTIONS if o[name if name not in ("status", "stdout", "stderr", "kill")
-                                                   else {"status": "status_ids", "stdout": "stdout_id",
-                                                         "stderr": "stderr_id", "kill": "kill_id"}[name]]]
+    queries = [name for name, key in QUERY_OPTIONS.items() if o[key]]
     command = list(o["command"])
     submit_only = [flag for flag in ("targets", "container", "cores", "memory", "envs", "mounts", "privileged",
                                      "sweep") if o[flag]]
-    list_filters = [flag for flag in ("state", "node", "batch", "limit") if o[flag]]
+    list_filters = [flag for flag in ("state", "node", "batch", "limit", "before") if o[flag]]
     if len(queries) > 1:
         raise UsageError("conflicting options: " + " and ".join("--" + q.replace("_", "-") for q in queries))
     if queries and command:
@@ -108,44 +112,50 @@ def _validate(o: dict) -> dict:
         raise UsageError("--follow goes with --wait or --stdout/--stderr")
     if o["wait"] and queries and queries != ["kill"]:
         raise UsageError(f"--wait does not go with --{queries[0].replace('_', '-')}")
-    request = {"config_file": o["config_file"], "json": o["as_json"]}
+    common = {"config_file": o["config_file"], "as_json": o["as_json"]}
     if queries:
-        return request | _validate_query(queries[0], o)
+        return _validate_query(queries[0], o, common)
     if not command:
         raise UsageError("no command given (usage: hakuriver.client [options] -- COMMAND [ARGS...])")
     if o["as_json"]:
         raise UsageError("--json is for queries; a submission prints task ids")
-    return request | _validate_submit(command, o)
+    return _validate_submit(command, o, common)
 
 
-def _validate_query(query: str, o: dict) -> dict:
-    request: dict = {"mode": query}
+def _validate_query(query: str, o: dict, common: dict) -> Request:
+    from client.requests import (HealthRequest, KillRequest, ListNodesRequest, ListTasksRequest, OutputRequest,
+                                 StatusRequest)
+
     if query == "status":
-        request["task_ids"] = [_task_id(t, "--status") for t in o["status_ids"]]
-    elif query in ("stdout", "stderr"):
-        request["task_id"] = _task_id(o[f"{query}_id"], f"--{query}")
-        request["follow"] = o["follow"]
-    elif query == "kill":
-        request["task_id"] = _task_id(o["kill_id"], "--kill")
-        request["wait"] = o["wait"]
-    elif query == "health":
-        request["node"] = None if o["health"] == "*" else o["health"]
-    elif query == "list_tasks":
-        from hakuriver.states import TaskState
+        return StatusRequest(task_ids=[_task_id(t, "--status") for t in o["status_ids"]], **common)
+    if query in ("stdout", "stderr"):
+        return OutputRequest(task_id=_task_id(o[f"{query}_id"], f"--{query}"), stream=query, follow=o["follow"],
+                             **common)
+    if query == "kill":
+        return KillRequest(task_id=_task_id(o["kill_id"], "--kill"), wait=o["wait"], timeout=o["timeout"], **common)
+    if query == "health":
+        return HealthRequest(node=None if o["health"] == "*" else o["health"], **common)
+    if query == "list_nodes":
+        return ListNodesRequest(**common)
+    from hakuriver.states import TaskState
 
-        states = [s.value for s in TaskState]
-        if o["state"] and o["state"] not in states:
-            raise UsageError(f"invalid --state {o['state']!r} (one of {', '.join(states)})")
-        if o["batch"] and not o["batch"].isdigit():
-            raise UsageError(f"invalid --batch {o['batch']!r}")
-        if o["limit"] and (not o["limit"].isdigit() or int(o["limit"]) < 1):
-            raise UsageError(f"invalid --limit {o['limit']!r} (a whole number ≥ 1)")
-        request.update(state=o["state"], node=o["node"], batch=int(o["batch"]) if o["batch"] else None,
-                       limit=int(o["limit"]) if o["limit"] else 50)
-    return request
+    states = [s.value for s in TaskState]
+    if o["state"] and o["state"] not in states:
+        raise UsageError(f"invalid --state {o['state']!r} (one of {', '.join(states)})")
+    if o["batch"] and not o["batch"].isdigit():
+        raise UsageError(f"invalid --batch {o['batch']!r}")
+    limit = o["limit"]
+    if limit and (not limit.isdigit() or not 1 <= int(limit) <= bounds.MAX_LIST_LIMIT):
+        raise UsageError(f"invalid --limit {limit!r} (a whole number from 1 to {bounds.MAX_LIST_LIMIT}; "
+                         "list further with --before ID, the last id listed)")
+    return ListTasksRequest(state=o["state"], node=o["node"], batch=int(o["batch"]) if o["batch"] else None,
+                            limit=int(limit) if limit else 50,
+                            before=_task_id(o["before"], "--before") if o["before"] else None, **common)
 
 
-def _validate_submit(command: list[str], o: dict) -> dict:
+def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest:
+    from client.requests import SubmitRequest
+    from hakuriver.images import check_environment_name
     from hakuriver.messages import Mount
     from hakuriver.sizes import parse_size
     from hakuriver.topology import parse_target
@@ -155,15 +165,22 @@ def _validate_submit(command: list[str], o: dict) -> dict:
         try:
             cores = float(o["cores"])
         except ValueError:
-            raise UsageError(f"invalid --cores {o['cores']!r} (a number ≥ 0)") from None
-        if cores < 0 or cores != cores or cores == float("inf"):
-            raise UsageError(f"invalid --cores {o['cores']!r} (a number ≥ 0)")
+            raise UsageError(f"invalid --cores {o['cores']!r} (a number from 0 to {bounds.MAX_CORES})") from None
+        if not 0 <= cores <= bounds.MAX_CORES:  # also refuses nan
+            raise UsageError(f"invalid --cores {o['cores']!r} (a number from 0 to {bounds.MAX_CORES})")
     memory = None
     if o["memory"] is not None:
         try:
             memory = parse_size(o["memory"])
         except ValueError as exc:
             raise UsageError(f"invalid --memory: {exc}") from None
+        if memory > bounds.MAX_MEMORY:
+            raise UsageError(f"invalid --memory {o['memory']!r}: over the bound of {bounds.MAX_MEMORY} bytes")
+    if o["container"] is not None and o["container"].upper() != "NULL":
+        try:
+            check_environment_name(o["container"])
+        except ValueError as exc:
+            raise UsageError(f"--container: {exc}") from None
     env = {}
     for item in o["envs"]:
         key, sep, value = item.partition("=")
@@ -185,10 +202,7 @@ def _validate_submit(command: list[str], o: dict) -> dict:
     if len(set(targets)) != len(targets):
         dup = next(t for t in targets if targets.count(t) > 1)
         raise UsageError(f"--target {dup!r} given twice")
-    request = {"mode": "submit", "command": command, "targets": targets, "container": o["container"],
-               "cores": cores, "memory": memory, "env": env, "mounts": mounts, "privileged": o["privileged"],
-               "wait": o["wait"], "follow": o["follow"], "timeout": o["timeout"],
-               "sweep": o["sweep"]}
+    sweep_size = None
     if o["sweep"]:
         from hakurun import span
 
@@ -198,8 +212,10 @@ def _validate_submit(command: list[str], o: dict) -> dict:
             raise UsageError(f"--sweep: {exc}") from None
         if not span.has_spans(command[1:]):
             raise UsageError("--sweep needs at least one span:{a..b} or span:[x,y] argument")
-        request["sweep_size"] = span.count(command[1:])
-    return request
+        sweep_size = span.count(command[1:])
+    return SubmitRequest(command=command, targets=targets, container=o["container"], cores=cores, memory=memory,
+                         env=env, mounts=mounts, privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
+                         timeout=o["timeout"], sweep_size=sweep_size, **common)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Every process imports these models and nothing else defines a wire format.
 Each message is JSON with ``"v": 1``; a message of another version, with unknown
-fields, or over the size bounds fails validation and goes to the dead-letter queue.
+fields, or over the size bounds (:mod:`hakuriver.bounds`, which the client checks before
+sending) fails validation and goes to the dead-letter queue.
 Binary output travels as the raw message body; its metadata rides in headers
 (see :class:`OutputChunk`), so a 64 KiB chunk is not inflated by base64.
 """
@@ -12,16 +13,15 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
+                      field_validator)
 
+from hakuriver.bounds import (MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_MEMORY,
+                              MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
 from hakuriver.states import TaskState
 from hakuriver.topology import target_key
 
 VERSION = 1
-MAX_MESSAGE_BYTES = 1 << 20        # any JSON message
-MAX_CHUNK_BYTES = 64 * 1024        # one output chunk
-MAX_ARG_BYTES = 128 * 1024         # command + args together
-MAX_ENV_BYTES = 128 * 1024         # user environment together
 
 EnvKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -39,6 +39,10 @@ class Message(BaseModel):
         if len(body) > cls.max_bytes:
             raise ValueError(f"message of {len(body)} bytes is over the {cls.max_bytes} byte bound")
         return cls.model_validate_json(body)
+
+
+class MessageTooLarge(ValueError):
+    """A message that its receivers would refuse for its encoded size; nothing was sent."""
 
 
 class Mount(BaseModel):
@@ -77,13 +81,15 @@ class Task(Message):
 
     task_id: int
     batch_id: int
+    max_bytes: ClassVar[int] = MAX_TASK_BYTES       # room left for the state event that carries it
+
     command: str = Field(min_length=1)
     args: list[str] = []
     env: dict[EnvKey, str] = {}
-    cores: float = Field(default=0, ge=0)           # 0 = no CPU limit
-    memory: int | None = Field(default=None, gt=0)  # bytes
-    target: str                                     # node name, or "any" for the pool
-    numa: int | None = Field(default=None, ge=0)
+    cores: float = Field(default=0, ge=0, le=MAX_CORES)                  # 0 = no CPU limit
+    memory: int | None = Field(default=None, gt=0, le=MAX_MEMORY)        # bytes
+    target: str                                                          # node name, or "any" for the pool
+    numa: int | None = Field(default=None, ge=0, le=MAX_NUMA_ID)
     container: str | None = None                    # None = host execution
     privileged: bool = False
     mounts: list[Mount] = []
@@ -94,17 +100,28 @@ class Task(Message):
 
     @field_validator("args")
     @classmethod
-    def _bounded_args(cls, value: list[str]) -> list[str]:
-        if sum(len(arg) for arg in value) > MAX_ARG_BYTES:
-            raise ValueError(f"arguments are over {MAX_ARG_BYTES} bytes")
+    def _bounded_command_line(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        size = sum(_utf8_len(text) for text in (info.data.get("command", ""), *value))
+        if size > MAX_ARG_BYTES:
+            raise ValueError(f"command and arguments are {size} bytes, over the {MAX_ARG_BYTES} byte bound")
         return value
 
     @field_validator("env")
     @classmethod
     def _bounded_env(cls, value: dict[str, str]) -> dict[str, str]:
-        if sum(len(k) + len(v) for k, v in value.items()) > MAX_ENV_BYTES:
-            raise ValueError(f"environment is over {MAX_ENV_BYTES} bytes")
+        size = sum(_utf8_len(k) + _utf8_len(v) for k, v in value.items())
+        if size > MAX_ENV_BYTES:
+            raise ValueError(f"environment is {size} bytes, over the {MAX_ENV_BYTES} byte bound")
         return value
+
+    def to_bytes(self) -> bytes:
+        """The encoded task; :class:`MessageTooLarge` if receivers would refuse it for its size
+        (JSON escapes a control character as six bytes, so this can bite below the other bounds)."""
+        body = super().to_bytes()
+        if len(body) > self.max_bytes:
+            raise MessageTooLarge(f"task of {len(body)} bytes encoded (command, arguments and environment "
+                                  f"as JSON) is over the {self.max_bytes} byte bound")
+        return body
 
     @property
     def routing_key(self) -> str:
@@ -197,16 +214,24 @@ class RpcRequest(Message):
 
 
 class RpcReply(Message):
-    max_bytes: ClassVar[int] = 8 << 20  # an output page of 4 MiB, base64-encoded
+    max_bytes: ClassVar[int] = MAX_RPC_REPLY_BYTES
     ok: bool
     result: Any = None
     error: str = ""
 
 
+def _utf8_len(text: str) -> int:
+    # surrogatepass: a command line may carry bytes that are not UTF-8 (Python keeps them as surrogates)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def one_line(exc: Exception) -> str:
-    """An exception as one line for people: a pydantic error names the field and what is wrong."""
+    """An exception as one line for people: a pydantic error names the field, what is wrong,
+    and the value when it is short enough to read."""
     if isinstance(exc, ValidationError):
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "message"
-        return f"{where}: {error['msg']}"
+        value = error.get("input")
+        shown = f" (got {value!r})" if isinstance(value, (int, float, str)) and len(repr(value)) <= 60 else ""
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}{shown}"
     return " ".join(str(exc).split())

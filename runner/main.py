@@ -9,10 +9,11 @@ import sys
 
 import click
 
+from hakuriver.cli_options import config_option
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", metavar="FILE", help="Config file (default: $HAKURIVER_CONFIG, "
-              "then ~/.hakuriver/config.toml).")
+@config_option
 @click.option("--node", "node_name", metavar="NAME", help="Node name (overrides [node] name).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(config_file: str | None, node_name: str | None, verbose: bool) -> None:

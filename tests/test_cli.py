@@ -108,13 +108,18 @@ def test_environment_variables_arrive(seed_cluster):
     assert c.cli("--stdout", task_id).stdout.decode() == f"large 1 node1 {task_id}\n"
 
 
-def test_stdout_and_stderr_are_kept_apart(seed_cluster):
+def test_stdout_and_stderr_are_kept_apart_and_each_is_the_answer_on_stdout(seed_cluster, tmp_path):
     c = seed_cluster
     code, out, _ = submit_wait(c, "--target", "node2", "--", "sh", "-c", "echo out; echo err >&2; printf x")
     task_id = out.strip()
     assert c.cli("--stdout", task_id).stdout == b"out\nx"
-    assert c.cli("--stderr", task_id).stdout == b""
-    assert c.cli("--stderr", task_id).stderr == b"err\n"
+    for follow in ([], ["--follow"]):
+        result = c.cli("--stderr", task_id, *follow)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"err\n", b"")
+    # the guide's way to keep it: a redirect of our stdout
+    saved = tmp_path / "err.log"
+    subprocess.run(["bash", "-c", f"hakuriver.client --stderr {task_id} > {saved}"], env=c.env, check=True, timeout=60)
+    assert saved.read_bytes() == b"err\n"
 
 
 def test_status_list_and_json(seed_cluster):
@@ -263,6 +268,20 @@ BAD_INPUTS = [
     (["--list-tasks", "--list-nodes"], "--list-tasks"),
     (["--status", "abc"], "abc"),
     (["--target", "node1", "--sweep", "--", "echo", "span:{1..x}"], "span:{1..x}"),
+    # bounds, checked by the client exactly as the receivers check them (issue 11.2)
+    (["--target", "node1", "--env", "E1=" + "\x01" * 60000, "--", "echo", "\x01" * 60000, "\x01" * 60000],
+     "bytes encoded"),
+    (["--target", "node1", "--memory", "99999999999999999999999P", "--", "true"], "99999999999999999999999P"),
+    (["--target", "node1", "--", "echo", "x" * 100_000, "x" * 100_000], "200004 bytes"),
+    (["--target", "node1", "--env", "A=" + "y" * 100_000, "--env", "B=" + "y" * 100_000, "--", "true"],
+     "200002 bytes"),
+    (["--target", "node1", "--cores", "1e9", "--", "true"], "1e9"),
+    (["--list-tasks", "--limit", "100000"], "100000"),
+    (["--list-tasks", "--before", "x1"], "x1"),
+    # what the node's info says it cannot hold, like an unknown NUMA id (issue 11.9)
+    (["--target", "node1", "--cores", "64", "--", "true"], "--cores 64"),
+    (["--target", "node1", "--memory", "1000T", "--", "true"], "--memory 1000.0T"),
+    (["--target", "node1", "--container", "Bad_Name", "--", "true"], "Bad_Name"),
 ]
 
 
@@ -309,6 +328,7 @@ def test_broker_unreachable_is_exit_3(tmp_path):
     c = Cluster(tmp_path / "cluster", ["node1"], broker={"url": "amqp://guest:guest@127.0.0.1:1/"})
     result = c.cli("--target", "node1", "--", "true", timeout=30)
     assert result.returncode == 3 and b"unreachable" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no stray line from the broker library
     assert b"guest:guest" not in result.stderr  # the password is never printed
 
 
@@ -318,6 +338,18 @@ def test_help_is_fast_and_lists_options():
     elapsed = time.perf_counter() - start
     assert result.returncode == 0 and b"--target" in result.stdout and b"--list-nodes" in result.stdout
     print(f"hakuriver.client --help: {elapsed * 1000:.0f} ms")
+
+
+def loaded_after(statement: str, modules: set[str]) -> set[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after running ``statement``."""
+    probe = f"import sys; {statement}; print(' '.join(sorted({sorted(modules)!r} & sys.modules.keys())))"
+    result = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+def test_cli_and_session_do_not_import_each_other_and_help_loads_nothing_heavy():
+    assert loaded_after("import client.session", {"client.cli"}) == set()
+    assert loaded_after("import client.cli", {"client.session", "client.requests", "pydantic", "aio_pika"}) == set()
 
 
 def test_follow_streams_output_live(seed_cluster):

@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 import pytest
 
-from hakuriver.host.ledger import Ledger, UnknownTask, metadata, tasks_table
+from hakuriver.host.ledger import Ledger, OutputMissing, UnknownTask, metadata, task_summary, tasks_table
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 
@@ -190,6 +190,31 @@ async def test_output_is_byte_exact_with_duplicates_and_disorder(ledger):
     assert task["stdout_bytes"] == len(payload) and task["stderr_bytes"] == 5
     with pytest.raises(UnknownTask):
         await ledger.read_output(999, "stdout")
+
+
+async def test_output_file_pruned_under_the_ledger_is_an_error_not_an_empty_read(ledger, tmp_path):
+    await ledger.ingest(chunks=[(OutputChunk(task_id=17, stream="stdout", offset=0), b"x" * 5000)])
+    stored = tmp_path / "logs" / "17.stdout"
+    with open(stored, "r+b") as f:
+        f.truncate(1000)  # an admin cut old logs short
+    assert (await ledger.read_output(17, "stdout", 0, 1000)).data == b"x" * 1000  # what is there still reads
+    with pytest.raises(OutputMissing, match="records 5000 bytes"):
+        await ledger.read_output(17, "stdout", 0, 5000)
+    stored.unlink()
+    with pytest.raises(OutputMissing, match="task 17"):
+        await ledger.read_output(17, "stdout", 0)
+
+
+def test_a_list_row_is_a_bounded_summary():
+    row = {**make_task(5).model_dump(mode="json"), "args": ["a" * 150, "b" * 150], "state": "running", "node": "n1",
+           "exit_code": None, "started_at": None, "finished_at": None, "stdout_bytes": 3, "stderr_bytes": 0,
+           "message": "m" * 500}
+    summary = task_summary(row)
+    assert "env" not in summary and "mounts" not in summary and summary["truncated"] is True
+    assert summary["command"] == "python" and summary["args"] == ["a" * 150, "b" * 43]
+    assert len(summary["message"]) == 200 and summary["stdout_bytes"] == 3
+    short = task_summary({**row, "args": ["-c", "print(1)"], "message": ""})
+    assert short["args"] == ["-c", "print(1)"] and short["truncated"] is False
 
 
 async def test_list_filters_order_and_pagination(ledger):

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import click
 
+from hakuriver.cli_options import config_option
+
 if TYPE_CHECKING:
     import aiodocker
 
@@ -50,8 +52,7 @@ def env_container(name: str) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", metavar="FILE", help="config file (default: $HAKURIVER_CONFIG, "
-              "then ~/.hakuriver/config.toml)")
+@config_option
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None) -> None:
     """Create, change and publish container environments for HakuRiver tasks."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hakuriver.bounds import INT64
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task, one_line
 from hakuriver.states import TaskState
 from hakuriver.topology import NodeKey, Topology
 
-INT64 = 1 << 63
 MAX_OUTPUT_END = 1 << 62  # an output file's end past this is no real task's output
 
 

@@ -35,15 +35,14 @@ from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from hakuriver.bounds import LIST_TEXT_CHARS, MAX_LIST_LIMIT, MAX_READ_BYTES
 from hakuriver.host.waiting import waiting_reason
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TERMINAL, TaskState
 
 log = logging.getLogger(__name__)
 
-MAX_READ_BYTES = 4 * 1024 * 1024
 DEFAULT_LIST_LIMIT = 50
-MAX_LIST_LIMIT = 10_000
 STREAMS = ("stdout", "stderr")
 _IN_CHUNK = 500          # ids per "IN (...)" clause; SQLite's bound-parameter limit is far above
 _OPEN_FILES = 64         # output files kept open between batches
@@ -163,6 +162,34 @@ def task_dict(row: Any) -> dict[str, Any]:
     return {name: mapping[name] for name in TASK_FIELDS}
 
 
+# What a list row carries: what ``--list-tasks`` shows and its ``--json`` documents. Not the
+# environment or mounts, and the command line and message cut to LIST_TEXT_CHARS, so a page
+# stays small whatever the tasks carry (``--status`` has everything).
+LIST_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_code", "cores", "memory",
+               "container", "user", "submitted_at", "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
+
+
+def task_summary(row: Any) -> dict[str, Any]:
+    """A task as a list shows it: LIST_FIELDS, ``command`` and ``args`` cut to LIST_TEXT_CHARS
+    characters together (``truncated`` says whether anything was cut), ``message`` cut too."""
+    mapping = row if isinstance(row, dict) else row._mapping
+    summary = {name: mapping[name] for name in LIST_FIELDS}
+    room = LIST_TEXT_CHARS
+    command = (mapping["command"] or "")[:room]
+    room -= len(command)
+    args: list[str] = []
+    full_args = mapping["args"] or []
+    for arg in full_args:
+        if room <= 0:
+            break
+        args.append(arg[:room])
+        room -= len(args[-1]) + 1
+    truncated = command != (mapping["command"] or "") or args != list(full_args)
+    message = mapping["message"] or ""
+    summary.update(command=command, args=args, truncated=truncated, message=message[:LIST_TEXT_CHARS])
+    return summary
+
+
 def node_dict(row: Any) -> dict[str, Any]:
     """The public form of a node row: name, online, last_seen and its last heartbeat's fields."""
     mapping = row if isinstance(row, dict) else row._mapping
@@ -185,6 +212,11 @@ class UnknownTask(LookupError):
     def __init__(self, task_id: int):
         super().__init__(f"unknown task {task_id}")
         self.task_id = task_id
+
+
+class OutputMissing(LookupError):
+    """The stored output file is gone or shorter than the ledger records (pruned by an admin):
+    the bytes cannot be served, and a reader waiting for them would wait forever."""
 
 
 class _OutputFiles:
@@ -391,8 +423,11 @@ class Ledger:
 
     async def list_tasks(self, state: str | None = None, node: str | None = None, batch: int | None = None,
                          limit: int = DEFAULT_LIST_LIMIT, before: int | None = None) -> list[dict[str, Any]]:
-        """Newest first. ``before`` is the smallest task id of the previous page."""
-        if not 1 <= limit <= MAX_LIST_LIMIT:
+        """Up to ``limit`` summaries (:func:`task_summary`), newest first. ``before``: only tasks
+        older than this id (the smallest id of the previous page), so a caller can page through
+        all of them. ``limit`` may be one over MAX_LIST_LIMIT: the query asks for one row more
+        than a page to learn whether another page follows."""
+        if not 1 <= limit <= MAX_LIST_LIMIT + 1:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}")
         query = select(tasks_table).order_by(tasks_table.c.task_id.desc()).limit(limit)
         if state is not None:
@@ -404,7 +439,7 @@ class Ledger:
         if before is not None:
             query = query.where(tasks_table.c.task_id < before)
         async with self.engine.connect() as conn:
-            return [task_dict(row) for row in await conn.execute(query)]
+            return [task_summary(row) for row in await conn.execute(query)]
 
     async def list_nodes(self, name: str | None = None) -> list[dict[str, Any]]:
         query = select(nodes_table).order_by(nodes_table.c.name)
@@ -428,6 +463,12 @@ class Ledger:
         size, state = row[0], row[1]
         wanted = max(0, min(length, size - offset))
         data = await asyncio.to_thread(self._files.read, task_id, stream, offset, wanted) if wanted else b""
+        if len(data) < wanted:
+            # Bytes are written to the file before the ledger counts them, so a short read
+            # means the file was removed or cut after the fact.
+            path = self._files.path(task_id, stream)
+            raise OutputMissing(f"the stored {stream} of task {task_id} is missing or cut short: the ledger "
+                                f"records {size} bytes, {path} holds {offset + len(data)}")
         return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=TaskState(state) in TERMINAL)
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hakuriver import __version__
-from hakuriver.host.ingest import INT64
-from hakuriver.host.ledger import MAX_LIST_LIMIT, MAX_READ_BYTES, Ledger, UnknownTask
+from hakuriver.bounds import INT64, LIST_PAGE_BYTES, MAX_LIST_LIMIT, MAX_READ_BYTES
+from hakuriver.host.ledger import Ledger, OutputMissing, UnknownTask
 from hakuriver.messages import RpcReply, one_line
 from hakuriver.states import TaskState
 
@@ -79,6 +80,19 @@ class LedgerChanges:
                     pass
 
 
+def list_page(tasks: list[dict[str, Any]], more: bool, max_bytes: int = LIST_PAGE_BYTES) -> dict[str, Any]:
+    """A list reply: the first ``tasks`` that fit in ``max_bytes`` encoded, and ``next_before``,
+    the cursor for the next page (None when the ledger has no more for this query)."""
+    page, size = [], 0
+    for task in tasks:
+        size += len(json.dumps(task)) + 2
+        if size > max_bytes and page:
+            more = True
+            break
+        page.append(task)
+    return {"tasks": page, "next_before": page[-1]["task_id"] if more and page else None}
+
+
 class Queries:
     """Answers RPC methods from the ledger; ``counters()`` gives the service's ingestion figures."""
 
@@ -96,7 +110,7 @@ class Queries:
             return RpcReply(ok=True, result=await handler(params))
         except ValidationError as exc:
             return RpcReply(ok=False, error=f"bad params for {method}: {one_line(exc)}")
-        except (UnknownTask, ValueError) as exc:
+        except (UnknownTask, OutputMissing, ValueError) as exc:
             return RpcReply(ok=False, error=str(exc))
         except Exception as exc:
             log.exception("RPC %s failed", method)
@@ -108,8 +122,9 @@ class Queries:
 
     async def _rpc_list_tasks(self, params: dict) -> dict:
         query = ListTasksParams.model_validate(params)
-        return {"tasks": await self.ledger.list_tasks(state=query.state, node=query.node, batch=query.batch,
-                                                      limit=query.limit, before=query.before)}
+        tasks = await self.ledger.list_tasks(state=query.state, node=query.node, batch=query.batch,
+                                             limit=query.limit + 1, before=query.before)
+        return list_page(tasks[:query.limit], more=len(tasks) > query.limit)
 
     async def _rpc_list_nodes(self, params: dict) -> dict:
         _Params.model_validate(params)

@@ -35,6 +35,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from hakuriver import broker
+from hakuriver.cli_options import config_option
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.host.ingest import Ingested, Malformed, parse_event
 from hakuriver.host.ledger import Ledger
@@ -379,8 +380,7 @@ async def serve(config: Config) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="Config file (default: $HAKURIVER_CONFIG, then ~/.hakuriver/config.toml).")
+@config_option
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(config_file: str | None, verbose: bool) -> None:
     """The HakuRiver host: keeps the ledger and answers queries."""

@@ -25,8 +25,9 @@ from aiohttp import hdrs, web
 from hakuriver import __version__
 from hakuriver.broker import BrokerUnreachable
 from hakuriver.config import Config
-from hakuriver.host.ingest import INT64
-from hakuriver.host.ledger import MAX_READ_BYTES, STREAMS, Ledger, UnknownTask
+from hakuriver.bounds import INT64
+from hakuriver.bounds import MAX_READ_BYTES
+from hakuriver.host.ledger import STREAMS, Ledger, UnknownTask
 from hakuriver.host.queries import LedgerChanges
 from hakuriver.host.web import data, metrics, pages
 from hakuriver.host.web.actions import ACTIONS, available

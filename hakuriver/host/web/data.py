@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import and_, case, func, select
 
-from hakuriver.host.ingest import INT64
+from hakuriver.bounds import INT64
 from hakuriver.host.ledger import Ledger, nodes_table, node_dict, tasks_table
 from hakuriver.states import TERMINAL, TaskState
 
