@@ -79,10 +79,10 @@ class Mount(BaseModel):
 class Task(Message):
     """What to run, where, and with which limits."""
 
-    task_id: int
-    batch_id: int
     max_bytes: ClassVar[int] = MAX_TASK_BYTES       # room left for the state event that carries it
 
+    task_id: int
+    batch_id: int
     command: str = Field(min_length=1)
     args: list[str] = []
     env: dict[EnvKey, str] = {}

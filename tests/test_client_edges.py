@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client.api import Client, TaskSpec
-from harness.local_cluster import BIN, Cluster
+from harness.local_cluster import Cluster
 from hakuriver.bounds import LIST_TEXT_CHARS
 from hakuriver.config import load_config
 from hakuriver.host.queries import list_page
