@@ -96,17 +96,19 @@ class Cluster:
         self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '/usr/bin:/bin')}"  # tasks find hakurun, python
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a process; ``env`` adds to (overrides) the cluster's environment for it alone."""
         with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.processes[name] = proc
         return proc
 
-    def start_host(self) -> None:
-        self._spawn("host", [str(BIN / "hakuriver.host")])
+    def start_host(self, env: dict[str, str] | None = None) -> None:
+        self._spawn("host", [str(BIN / "hakuriver.host")], env)
 
-    def start_runner(self, node: str) -> None:
-        self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node])
+    def start_runner(self, node: str, env: dict[str, str] | None = None) -> None:
+        self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node], env)
 
     def start(self) -> "Cluster":
         self.start_host()
