@@ -190,7 +190,8 @@ def test_broker_node_killed_with_500_tasks_in_flight(broker_cluster, tmp_path, v
             counts[int(line)] = counts.get(int(line), 0) + 1
         duplicates = sorted(i for i, n in counts.items() if n > 1)
         missing = sorted(set(ids) - set(counts))
-        print(f"\nkilled the {victim}' node after {before} runs: {len(counts)} distinct tasks ran, "
+        whose = "the runners'" if victim == "runners" else "the host's and the client's"
+        print(f"\nkilled {whose} node after {before} runs: {len(counts)} distinct tasks ran, "
               f"{len(duplicates)} twice, {len(missing)} missing")
         assert not duplicates and not missing and set(counts) == set(ids)
 
