@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import docker_tasks, executor, fifty, footprint, latency, ledger, throughput
+from bench import broker_memory, docker_tasks, executor, fifty, footprint, latency, ledger, throughput
 from bench.harness import Row, failed_row, say, table
 
 # name → (module, seconds it may take, the rows it makes when it fails: figure, goal)
@@ -29,17 +29,18 @@ SECTIONS = {
     "ledger": (ledger, 150, [("ledger ingestion / `--list-tasks` on 100,000 tasks", "≥ 2,000/s / p95 ≤ 200 ms")]),
     "footprint": (footprint, 200, [("runner RSS / hakurun overhead", "≤ 60 MB, flat / ≤ 2 ms")]),
     "executor": (executor, 90, [("host task overhead through the process executor", "—")]),
-    "fifty": (fifty, 600, [("50 runners: online / `--list-nodes` / pool sweep / idle", "≤ 30 s / p95 ≤ 300 ms")]),
+    "fifty": (fifty, 900, [("50 runners: online / `--list-nodes` / pool sweep / idle", "≤ 30 s / p95 ≤ 300 ms")]),
+    "broker-memory": (broker_memory, 900, [("broker memory per runner, 3-node cluster, quorum queues", "—")]),
 }
 
 # Sections run only when named in --only: 50 runner processes take minutes and most of the machine.
-OPT_IN = {"fifty"}
+OPT_IN = {"fifty", "broker-memory"}
 
 # The order of the table, by a word each figure starts with or contains.
 ORDER = ["`--wait", "warm Python API", "trivial host tasks", "`--sweep`", "Docker `echo hi`", "Docker tasks, 2",
          "ledger ingestion", "`--list-tasks`", "`--help` start-up", "submit start-up", "runner idle",
          "runner RSS while", "hakurun", "host task overhead", "runners online", "idle with", "`--list-nodes` with",
-         "pool sweep over"]
+         "pool sweep over", "broker memory per runner"]
 
 
 class Overran(Exception):
