@@ -55,7 +55,7 @@ def broker_memory_row(root: Path, cluster_dir: Path) -> Row:
     grown = [(a - b) / 1e6 for a, b in zip(after, before)]
     per_runner = sum(grown) / len(grown) / RUNNERS * 1000
     return Row(f"broker memory per runner, 3-node cluster, quorum queues", "—",
-               f"+{', +'.join(f'{g:.0f}' for g in grown)} MB per node for {RUNNERS} runners "
+               f"{', '.join(f'{g:+.0f}' for g in grown)} MB per node for {RUNNERS} runners "
                f"(~{per_runner:.0f} KB per runner per node)", "—", "—", None,
                note=f"rabbitmqctl status total memory of each node, idle, before and {IDLE_S} s after "
                     f"{RUNNERS} runners and a host joined (each runner: 1 connection, 3 quorum queues replicated on every node)")
