@@ -82,6 +82,42 @@ async def test_no_address_answering_names_every_one():
     assert "guest:guest" not in message
 
 
+async def test_queries_are_answered_after_a_reconnect(prefix):
+    """The direct reply-to consumer is no declared queue, so aio-pika does not restore it:
+    RpcClient makes it again on the reopened channel (else every later query times out)."""
+    from hakuriver import rpc
+    from hakuriver.messages import RpcReply
+    from hakuriver.topology import Topology
+
+    topo = Topology(prefix)
+    server = await aio_pika.connect(BROKER_URL)
+    connection = await broker.connect(BROKER_URL, "hakuriver.test")
+    try:
+        server_channel = await server.channel()
+        requests = await server_channel.declare_queue(topo.rpc, auto_delete=True)
+
+        async def answer(message) -> None:
+            reply = RpcReply(ok=True, result={"answered": True}).to_bytes()
+            await server_channel.default_exchange.publish(
+                aio_pika.Message(reply, correlation_id=message.correlation_id), routing_key=message.reply_to)
+            await message.ack()
+        await requests.consume(answer)
+        client = rpc.RpcClient(await connection.channel(), topo)
+        assert await client.call("status", {}, timeout=5) == {"answered": True}
+
+        reconnected = asyncio.Event()
+
+        async def on_reconnect(*_) -> None:
+            reconnected.set()
+        connection.reconnect_callbacks.add(on_reconnect)
+        await connection.transport.connection.close(ConnectionError("dropped by the test"))
+        await asyncio.wait_for(reconnected.wait(), 30)
+        assert await client.call("status", {}, timeout=5) == {"answered": True}
+    finally:
+        await connection.close()
+        await server.close()
+
+
 def test_client_with_a_dead_first_address_submits_and_waits(cluster):
     env = {**cluster.env, "HAKURIVER_BROKER_URL": f"{dead_url()},{BROKER_URL}"}
     result = subprocess.run([str(BIN / "hakuriver.client"), "--wait", "--target", "node1", "--container", "NULL",
