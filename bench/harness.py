@@ -20,6 +20,7 @@ from pathlib import Path
 from harness import local_cluster
 from harness.local_cluster import BIN  # noqa: F401  (the sections find the commands through bench.harness)
 
+REPO = Path(__file__).resolve().parent.parent
 BROKER_URL = os.environ.get("HAKURIVER_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 # Slower heartbeats than the tests' (which want offline detection fast): a benchmark
 # measures the work, not the bookkeeping. Keep as is, or figures stop being comparable.

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import docker_tasks, executor, footprint, latency, ledger, throughput, web
+from bench import broker_memory, docker_tasks, executor, fifty, footprint, latency, ledger, throughput, web
 from bench.harness import Row, failed_row, say, table
 
 # name → (module, seconds it may take, the rows it makes when it fails: figure, goal)
@@ -30,12 +30,18 @@ SECTIONS = {
     "footprint": (footprint, 200, [("runner RSS / hakurun overhead", "≤ 60 MB, flat / ≤ 2 ms")]),
     "executor": (executor, 90, [("host task overhead through the process executor", "—")]),
     "web": (web, 240, [("dashboard `/api/tasks` and tasks page on 100,000 tasks", "p95 ≤ 150 ms")]),
+    "fifty": (fifty, 900, [("50 runners: online / `--list-nodes` / pool sweep / idle", "≤ 30 s / p95 ≤ 300 ms")]),
+    "broker-memory": (broker_memory, 900, [("broker memory per runner, 3-node cluster, quorum queues", "—")]),
 }
+
+# Sections run only when named in --only: 50 runner processes take minutes and most of the machine.
+OPT_IN = {"fifty", "broker-memory"}
 
 # The order of the table, by a word each figure starts with or contains.
 ORDER = ["`--wait", "warm Python API", "trivial host tasks", "`--sweep`", "Docker `echo hi`", "Docker tasks, 2",
          "ledger ingestion", "`--list-tasks`", "`--help` start-up", "submit start-up", "runner idle",
-         "runner RSS while", "hakurun", "host task overhead", "dashboard"]
+         "runner RSS while", "hakurun", "host task overhead", "dashboard", "runners online", "idle with",
+         "`--list-nodes` with", "pool sweep over", "broker memory per runner"]
 
 
 class Overran(Exception):
@@ -69,7 +75,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "last-results.md"),
                         help="where to write the table (default bench/last-results.md)")
     args = parser.parse_args()
-    chosen = args.only.split(",") if args.only else list(SECTIONS)
+    chosen = args.only.split(",") if args.only else [name for name in SECTIONS if name not in OPT_IN]
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r} (one of {', '.join(SECTIONS)})")

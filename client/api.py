@@ -44,6 +44,7 @@ from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology, parse_target
 PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.<kind> and filters
 PUBLISH_WINDOW = 512            # publishes awaiting their confirm at once
 POOL_CHECK_TIMEOUT = 2.0        # how long a pool submission asks the host for its nodes' sizes
+CATCH_UP_EVERY_S = 2.0          # after a reconnect, how often a waiter asks the ledger for missed ends
 
 Output = Callable[[str, bytes], None]   # (stream, bytes) of a followed task's output
 
@@ -77,7 +78,7 @@ class TaskSpec:
 class Client:
     def __init__(self, config: Config):
         self.config = config
-        self.topo = Topology(config.broker.prefix)
+        self.topo = Topology(config.broker.prefix, config.broker.queue_type)
         self._connection = None
         self._exchanges: broker.Exchanges | None = None
         self._events_queue = None
@@ -367,6 +368,7 @@ class Waiter:
         self._failure: BaseException | None = None   # raised by a callback; ends the wait
         self._done = asyncio.Event()
         self._written: dict[tuple[int, str], int] = {}  # bytes of each task's stream written so far
+        self._catching_up = False
         if not self.pending:
             self._done.set()
 
@@ -425,18 +427,31 @@ class Waiter:
         self._written[(chunk.task_id, chunk.stream)] = end
 
     async def catch_up(self) -> None:
-        """Ask the ledger for tasks whose final event may have passed while we were away."""
-        if not self.pending:
+        """After a reconnect: ask the ledger for tasks whose final event passed while we were away.
+
+        Events published while this client's queue was gone (its broker node died, it is
+        re-declared on the next one) never reach it; the ledger queue is durable, so the host
+        gets them, but perhaps only after it has itself reconnected and caught up. So ask
+        again every CATCH_UP_EVERY_S until every task is terminal, not once."""
+        if self._catching_up:
             return
+        self._catching_up = True
         try:
-            found = await self.client.query("status", {"task_ids": sorted(self.pending)}, timeout=5.0)
-        except (HostUnavailable, BadRequest):
-            return
-        for task in found["tasks"]:
-            state = TaskState(task["state"])
-            if state.terminal:
-                self._record(StateEvent(task_id=task["task_id"], node=task.get("node"), state=state,
-                                        seq=0, exit_code=task.get("exit_code"), message=task.get("message") or ""))
+            while self.pending:
+                try:
+                    found = await self.client.query("status", {"task_ids": sorted(self.pending)}, timeout=5.0)
+                except Exception:  # host or broker not back yet: ask again
+                    found = {"tasks": []}
+                for task in found["tasks"]:
+                    state = TaskState(task["state"])
+                    if state.terminal:
+                        self._record(StateEvent(task_id=task["task_id"], node=task.get("node"), state=state,
+                                                seq=0, exit_code=task.get("exit_code"),
+                                                message=task.get("message") or ""))
+                if self.pending:
+                    await asyncio.sleep(CATCH_UP_EVERY_S)
+        finally:
+            self._catching_up = False
 
     async def wait(self, timeout: float | None = None) -> dict[int, StateEvent]:
         try:

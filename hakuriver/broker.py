@@ -1,7 +1,8 @@
 """Connecting to RabbitMQ and declaring the topology of :mod:`hakuriver.topology`.
 
-Every long-lived process (runner, host) uses a robust connection: aio-pika reconnects
-and re-declares what was declared through it. Publishes that matter wait for the
+Every process uses a robust connection: aio-pika reconnects and re-declares what was
+declared through it, to the next broker address that answers when there are several
+(:mod:`hakuriver.connection`). Publishes that matter wait for the
 broker's confirm; events that nobody may be bound to are published non-mandatory.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+from hakuriver.connection import connect_any, redact, split_urls
 from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 
 log = logging.getLogger(__name__)
@@ -25,24 +27,19 @@ class BrokerUnreachable(Exception):
     """The broker could not be reached; the CLI turns this into exit code 3."""
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages a person reads."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, hostpart = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
+async def connect(url: str, name: str, timeout: float = 10.0):
+    """Open a robust connection named ``name`` (shown in the management UI).
 
-
-async def connect(url: str, name: str, robust: bool = True, timeout: float = 10.0):
-    """Open a connection named ``name`` (shown in the management UI)."""
-    extra = {"reconnect_interval": RECONNECT_INTERVAL_S} if robust else {}
-    factory = aio_pika.connect_robust if robust else aio_pika.connect
+    ``url`` is ``[broker] url``: one address or several separated by commas; the
+    connection uses the first that answers and moves to the next on loss
+    (:mod:`hakuriver.connection`)."""
+    urls = split_urls(url)
     try:
-        return await factory(url, client_properties={"connection_name": name}, timeout=timeout, **extra)
+        return await connect_any(urls, timeout=timeout, reconnect_interval=RECONNECT_INTERVAL_S,
+                                 client_properties={"connection_name": name})
     except (OSError, ConnectionError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-        raise BrokerUnreachable(f"broker unreachable at {_redact(url)}: {exc or type(exc).__name__}") from None
+        where = ", ".join(redact(u) for u in urls)
+        raise BrokerUnreachable(f"broker unreachable at {where}: {exc or type(exc).__name__}") from None
 
 
 class Exchanges:
@@ -59,7 +56,7 @@ async def declare_exchanges(channel: AbstractChannel, topo: Topology) -> Exchang
     control = await channel.declare_exchange(topo.control, direct, durable=True)
     events = await channel.declare_exchange(topo.events, topic, durable=True)
     dead = await channel.declare_exchange(topo.dead, fanout, durable=True)
-    dead_queue = await channel.declare_queue(topo.dead, durable=True)
+    dead_queue = await channel.declare_queue(topo.dead, durable=True, arguments=topo.durable_args(dead_letter=False))
     await dead_queue.bind(dead)
     return Exchanges(tasks, control, events, dead)
 

@@ -13,7 +13,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -32,8 +32,17 @@ class _Section(BaseModel):
 
 
 class BrokerConfig(_Section):
-    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"   # or several, comma-separated: the nodes of a cluster
     prefix: str = "hakuriver"
+    queue_type: Literal["classic", "quorum"] = "classic"  # quorum: durable queues replicated over a cluster
+
+    @field_validator("url")
+    @classmethod
+    def _urls_are_amqp(cls, value: str) -> str:
+        from hakuriver.connection import split_urls
+
+        split_urls(value)
+        return value
 
 
 class NodeConfig(_Section):
@@ -223,8 +232,9 @@ DEFAULT_CONFIG_TEXT = '''\
 # e.g. HAKURIVER_BROKER_URL or HAKURIVER_TIMING_HEARTBEAT_INTERVAL.
 
 [broker]
-url = "amqp://guest:guest@127.0.0.1:5672/"   # amqps:// for TLS
+url = "amqp://guest:guest@127.0.0.1:5672/"   # amqps:// for TLS; a cluster: "amqp://a/,amqp://b/,amqp://c/"
 prefix = "hakuriver"                          # every exchange and queue name starts with this
+queue_type = "classic"                        # "quorum" on a broker cluster (the same on every machine)
 
 [node]
 name = ""                  # this runner's node name; "" = the machine's hostname

@@ -46,17 +46,22 @@ class RpcClient:
         self.topo = topo
         self._pending: dict[str, asyncio.Future] = {}
         self._consuming: asyncio.Task | None = None
+        self._consuming_on = None  # the AMQP channel under ``channel`` that the consumer is on
 
     async def _ensure_consumer(self) -> None:
-        if self._consuming is None:
+        underlay = await self.channel.get_underlay_channel()
+        if self._consuming_on is not underlay:
+            # First call, or the robust channel was reopened after a reconnect: the reply-to
+            # consumer is not one aio-pika restores (it is no declared queue), so make it again.
             async def consume() -> None:
                 queue = await self.channel.get_queue(DIRECT_REPLY_TO, ensure=False)
                 await queue.consume(self._on_reply, no_ack=True)
             self._consuming = asyncio.ensure_future(consume())
+            self._consuming_on = underlay
         try:
             await asyncio.shield(self._consuming)
         except BaseException:
-            self._consuming = None
+            self._consuming, self._consuming_on = None, None
             raise
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:

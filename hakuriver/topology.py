@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 POOL_KEY = "any"          # tasks exchange: the shared pool queue
+DELIVERY_LIMIT = 20  # deliveries of one message from a quorum queue with a limit, then dead-lettered
 ALL_NODES_KEY = "all"     # control exchange: every runner
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
@@ -71,6 +72,7 @@ def target_key(node: str, numa: int | None = None) -> str:
 @dataclass(frozen=True)
 class Topology:
     prefix: str = "hakuriver"
+    queue_type: str = "classic"   # [broker] queue_type: "quorum" replicates the durable queues
 
     @property
     def tasks(self) -> str:
@@ -138,4 +140,20 @@ class Topology:
 
     @property
     def dead_letter_args(self) -> dict:
-        return {"x-dead-letter-exchange": self.dead}
+        return self.durable_args()
+
+    def durable_args(self, dead_letter: bool = True, delivery_limit: bool = False, **extra) -> dict:
+        """Arguments of a durable queue, by ``queue_type`` (docs/operations.md, "Quorum queues").
+
+        A quorum queue counts every delivery of a message, a requeue included; with
+        ``delivery_limit`` a message delivered DELIVERY_LIMIT times is dead-lettered (a
+        message that keeps crashing its consumer stops coming back). Queues whose
+        consumers requeue on purpose (pool: no room; ledger: database down; node info:
+        read by get and requeue) take no limit. Classic queues have no delivery count.
+        """
+        args = {"x-dead-letter-exchange": self.dead} if dead_letter else {}
+        if self.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
+            if delivery_limit:
+                args["x-delivery-limit"] = DELIVERY_LIMIT
+        return {**args, **extra}

@@ -154,18 +154,19 @@ class Cluster:
         """The host's dashboard, e.g. ``http://127.0.0.1:41234`` (no trailing slash)."""
         return "http://" + tomllib.loads(self.config.read_text())["web"]["listen"]
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a process; ``env`` adds to (overrides) the cluster's environment for it alone."""
         with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=self.root)
+            proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=self.root)
         self.processes[name] = proc
         return proc
 
-    def start_host(self) -> subprocess.Popen:
-        return self._spawn("host", [str(BIN / "hakuriver.host")])
+    def start_host(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self._spawn("host", [str(BIN / "hakuriver.host")], env)
 
-    def start_runner(self, node: str) -> subprocess.Popen:
-        return self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node])
+    def start_runner(self, node: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self._spawn(node, [str(BIN / "hakuriver.runner"), "--node", node], env)
 
     def start(self, host: bool = True, timeout: float = 30) -> "Cluster":
         """Start the host (unless ``host`` is False) and every runner; with a host, wait until all are online."""

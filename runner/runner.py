@@ -76,7 +76,7 @@ class Runner:
     def __init__(self, config: Config, executors: dict[str, Executor] | None = None):
         self.config = config
         self.node = config.node.node_name
-        self.topo = Topology(config.broker.prefix)
+        self.topo = Topology(config.broker.prefix, config.broker.queue_type)
         self.state_dir = Path(config.paths.state_dir) / f"runner-{self.node}"
         self.output_dir = self.state_dir / "output"
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ class Runner:
         exchanges = await broker.declare_exchanges(channel, self.topo)
         self._consume_exchanges = exchanges
         queue = await channel.declare_queue(self.topo.node_queue(self.node), durable=True,
-                                            arguments=self.topo.dead_letter_args)
+                                            arguments=self.topo.durable_args(delivery_limit=True))
         node_keys = [self.node, *(f"{self.node}:{numa}" for numa in self.numa)]
         for key in node_keys:
             await queue.bind(exchanges.tasks, key)
@@ -155,7 +155,7 @@ class Runner:
         for key in [*node_keys, POOL_KEY]:  # the ledger learns each task as it is submitted
             await ledger.bind(exchanges.tasks, key)
         control = await channel.declare_queue(self.topo.control_queue(self.node), durable=True,
-                                              arguments=self.topo.dead_letter_args)
+                                              arguments=self.topo.durable_args(delivery_limit=True))
         await control.bind(exchanges.control, self.node)
         await control.bind(exchanges.control, ALL_NODES_KEY)
         await queue.consume(self._on_task_message)
@@ -174,7 +174,8 @@ class Runner:
     async def _publish_node_info(self) -> None:
         queue_name = self.topo.nodeinfo_queue(self.node)
         await self._publish_channel.declare_queue(
-            queue_name, durable=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"})
+            queue_name, durable=True,
+            arguments=self.topo.durable_args(dead_letter=False, **{"x-max-length": 1, "x-overflow": "drop-head"}))
         info = NodeInfo(node=self.node, numa=sorted(self.numa), cores=self.admission.capacity.cores,
                         memory=self.admission.capacity.memory)
         await self._publish_channel.default_exchange.publish(

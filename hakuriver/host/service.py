@@ -71,7 +71,7 @@ class Host:
 
     def __init__(self, config: Config):
         self.config = config
-        self.topo = Topology(config.broker.prefix)
+        self.topo = Topology(config.broker.prefix, config.broker.queue_type)
         self.ledger = Ledger(config.database_url, Path(config.paths.state_dir) / "logs")
         self.events_applied = 0       # state transitions the ledger took
         self.messages_ingested = 0    # every valid ledger-queue message stored
@@ -111,7 +111,7 @@ class Host:
         self._rpc_channel = await self._connection.channel()
         await self._rpc_channel.set_qos(prefetch_count=RPC_PREFETCH)
         rpc_queue = await self._rpc_channel.declare_queue(self.topo.rpc, durable=True,
-                                                          arguments=self.topo.dead_letter_args)
+                                                          arguments=self.topo.durable_args(delivery_limit=True))
 
         self._started_at = time.monotonic()
         self._loops = [asyncio.create_task(self._ingest_forever(), name="host-ingest"),
