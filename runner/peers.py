@@ -23,8 +23,7 @@ from typing import Callable
 from hakuriver.messages import Heartbeat, Task
 from hakuriver.sizes import format_size
 from runner.admission import Capacity, never_fits
-from runner.executors.base import TaskRejected
-from runner.executors.select import executor_for
+from runner.executors.select import executor_name
 
 SETTLE_AFTER = 2  # offline windows of listening before judging
 FORGET_AFTER = 4  # offline windows of silence before a node no longer counts
@@ -50,10 +49,7 @@ class NodeView:
             return reason
         if not self.executors:
             return None  # a heartbeat that does not list them (an older runner): assume it can
-        try:
-            # only which executors exist matters here, not the executors themselves
-            executor_for(task, dict.fromkeys(self.executors))
-        except TaskRejected:
+        if executor_name(task, self.executors) is None:
             return "needs Docker" if task.container is not None else "needs a host executor"
         return None
 

@@ -45,19 +45,26 @@ def usable(executors: dict[str, Executor]) -> list[str]:
     return sorted(name for name, executor in executors.items() if executor.available())
 
 
+def executor_name(task: Task, names) -> str | None:
+    """Which of the executors ``names`` runs ``task`` (None: none of them can), by kind alone.
+
+    A pure function: runners ask it of their peers' heartbeats too (runner/peers.py).
+    """
+    if task.container is not None:
+        return "docker" if "docker" in names else None
+    return next((name for name in ("systemd", "process") if name in names), None)
+
+
 def executor_for(task: Task, executors: dict[str, Executor], now: bool = True) -> Executor:
     """The executor for ``task``; :class:`TaskRejected` when this node cannot run its kind.
 
     ``now``: it must be able to take the task now (when a task is accepted). A task
     already accepted asks with ``now=False``: its executor waits for Docker to answer.
     """
-    if task.container is not None:
-        docker = executors.get("docker")
-        if docker is None or (now and not docker.available()):
-            raise TaskRejected(f"task {task.task_id} needs container {task.container!r}, "
-                               "but Docker is not available on this node")
-        return docker
-    for name in ("systemd", "process"):
-        if name in executors:
-            return executors[name]
-    raise TaskRejected(f"task {task.task_id} is a host task, but this node runs no host executor")
+    name = executor_name(task, executors)
+    if task.container is not None and (name is None or (now and not executors[name].available())):
+        raise TaskRejected(f"task {task.task_id} needs container {task.container!r}, "
+                           "but Docker is not available on this node")
+    if name is None:
+        raise TaskRejected(f"task {task.task_id} is a host task, but this node runs no host executor")
+    return executors[name]
