@@ -17,7 +17,6 @@ import pytest
 
 from hakuriver.config import Config
 from hakuriver.messages import Task
-from harness.local_cluster import wait_until_async as wait_for  # noqa: F401  (the executor tests' name)
 from runner.executors.base import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent

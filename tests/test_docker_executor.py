@@ -13,8 +13,10 @@ from pathlib import Path
 import aiodocker
 import pytest
 
+from harness.local_cluster import wait_until_async
+
 from docker_fixtures import (BASE_IMAGE, docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
-                             unique, wait_for)
+                             unique)
 from hakuriver.messages import Mount
 from hakuriver.containers import MIN_CORES, MIN_MEMORY
 from runner.executors.base import Handle, StartFailed, TaskRejected
@@ -103,7 +105,7 @@ async def test_stop_ends_the_task_and_destroy_leaves_no_container(executor, dock
     task = make_task(docker_config, "sh", "-c", "echo started; exec sleep 1000")
     spec = make_spec(docker_config, task, tmp_path)
     handle = await executor.start(task, spec)
-    await wait_for(lambda: spec.stdout_path.read_bytes() == b"started\n", what="the task to start")
+    await wait_until_async(lambda: spec.stdout_path.read_bytes() == b"started\n", what="the task to start")
     await executor.stop(handle, grace=5)
     outcome = await asyncio.wait_for(executor.wait(handle), 30)
     assert outcome.exit_code == 143   # SIGTERM reached the task: no need for SIGKILL
@@ -116,7 +118,7 @@ async def test_stop_kills_a_task_that_ignores_sigterm(executor, docker_config, t
     task = make_task(docker_config, "sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done")
     spec = make_spec(docker_config, task, tmp_path)
     handle = await executor.start(task, spec)
-    await wait_for(lambda: spec.stdout_path.read_bytes() == b"ready\n", what="the trap to be set")
+    await wait_until_async(lambda: spec.stdout_path.read_bytes() == b"ready\n", what="the trap to be set")
     await executor.stop(handle, grace=1)
     outcome = await asyncio.wait_for(executor.wait(handle), 30)
     await executor.destroy(handle)
@@ -189,7 +191,7 @@ async def test_recover_running_container_resumes_output_exactly(docker_config, t
     first = DockerExecutor(docker_config)
     handle = await first.start(task, spec)
     stored = handle.to_dict()
-    await wait_for(lambda: spec.stdout_path.stat().st_size == 500001,
+    await wait_until_async(lambda: spec.stdout_path.stat().st_size == 500001,
                    what="the first part of the output")
     await first.close()   # the runner goes away; the container keeps running
 
@@ -216,7 +218,7 @@ async def test_recover_after_the_container_ended_copies_the_rest(docker_config, 
     spec = make_spec(docker_config, task, tmp_path)
     first = DockerExecutor(docker_config)
     handle = await first.start(task, spec)
-    await wait_for(lambda: spec.stdout_path.read_bytes() == b"one\n", what="the first line")
+    await wait_until_async(lambda: spec.stdout_path.read_bytes() == b"one\n", what="the first line")
     await first.close()
     (shared / "go").touch()
     await docker_client.containers.container(handle.data["container_id"]).wait()

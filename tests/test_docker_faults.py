@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from docker_fixtures import (docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
-                             unique, wait_for)
+                             unique)
 from docker_proxy import DockerProxy
-from harness.local_cluster import Cluster
+from harness.local_cluster import Cluster, wait_until, wait_until_async
 from runner.executors.base import Handle, TaskRejected
 from runner.executors.docker import TASK_LABEL, DockerExecutor
 from runner.executors.select import available_executors, executor_for, usable
@@ -63,7 +63,7 @@ async def test_docker_that_starts_later_is_used_and_one_that_goes_is_not(docker_
             executor_for(task, executors)
 
         proxy.start()
-        await wait_for(lambda: "docker" in usable(executors), what="Docker to be seen", timeout=10)
+        await wait_until_async(lambda: "docker" in usable(executors), what="Docker to be seen", timeout=10)
         docker = executor_for(task, executors)
         spec = make_spec(docker_config, task, tmp_path)
         handle = await docker.start(task, spec)
@@ -72,7 +72,7 @@ async def test_docker_that_starts_later_is_used_and_one_that_goes_is_not(docker_
         assert spec.stdout_path.read_bytes() == b"hi\n"
 
         proxy.stop()
-        await wait_for(lambda: "docker" not in usable(executors), what="Docker to be missed", timeout=10)
+        await wait_until_async(lambda: "docker" not in usable(executors), what="Docker to be missed", timeout=10)
     finally:
         await executors["docker"].close()
 
@@ -105,10 +105,10 @@ async def test_a_short_disconnect_loses_no_output_and_leaves_no_container(proxie
     spec = make_spec(docker_config, task, tmp_path)
     handle = await proxied.start(task, spec)
     waiting = asyncio.ensure_future(proxied.wait(handle))
-    await wait_for(lambda: spec.stdout_path.read_bytes() == b"line 1\nline 2\nline 3\n", what="the first lines")
+    await wait_until_async(lambda: spec.stdout_path.read_bytes() == b"line 1\nline 2\nline 3\n", what="the first lines")
     proxy.stop()   # the followed log and the waiting request break
     (shared / "go").touch()
-    await wait_for(lambda: (shared / "rest").exists() and (shared / "rest").stat().st_size == 300000,
+    await wait_until_async(lambda: (shared / "rest").exists() and (shared / "rest").stat().st_size == 300000,
                    what="the task to write its output")
     assert not waiting.done()
     proxy.start()
@@ -129,7 +129,7 @@ async def test_the_end_of_a_task_is_read_from_its_container_after_docker_was_awa
     spec = make_spec(docker_config, task, tmp_path)
     handle = await proxied.start(task, spec)
     waiting = asyncio.ensure_future(proxied.wait(handle))
-    await wait_for(lambda: spec.stdout_path.read_bytes() == b"one\n", what="the first line")
+    await wait_until_async(lambda: spec.stdout_path.read_bytes() == b"one\n", what="the first line")
     proxy.stop()
     (shared / "go").touch()
     await exited(docker_client, handle.data["container_id"])   # it ended while Docker was away
@@ -167,7 +167,7 @@ async def test_recover_while_docker_is_away_adopts_once_it_answers(docker_config
     spec = make_spec(docker_config, task, tmp_path)
     first = DockerExecutor(docker_config)
     handle = await first.start(task, spec)
-    await wait_for(lambda: spec.stdout_path.read_bytes() == b"one\n", what="the first line")
+    await wait_until_async(lambda: spec.stdout_path.read_bytes() == b"one\n", what="the first line")
     await first.close()   # the runner goes away, and so does Docker
     proxy.stop()
 
@@ -227,12 +227,12 @@ def test_runner_restarted_while_docker_is_away_adopts_its_container(proxied_clus
     go = c.root / "shared" / "go"
     task_id = c.cli_ok("--target", "node1", "--", "sh", "-c",
                        "echo one; while [ ! -e /shared/go ]; do sleep 0.05; done; echo two").strip()
-    c.wait_for(lambda: c.cli("--stdout", task_id).stdout == b"one\n", what="the first line")
+    wait_until(lambda: c.cli("--stdout", task_id).stdout == b"one\n", what="the first line")
     c.kill("node1", signal.SIGKILL)
     proxy.stop()
     c.start_runner("node1")
     # the new runner's heartbeat: it runs, and says that Docker is away
-    c.wait_for(lambda: "docker" not in c.query("--list-nodes")["nodes"][0]["executors"],
+    wait_until(lambda: "docker" not in c.query("--list-nodes")["nodes"][0]["executors"],
                what="a heartbeat without docker")
     assert c.task(task_id)["state"] == "running"
     proxy.start()
@@ -248,11 +248,11 @@ def test_a_docker_api_outage_during_a_task_loses_no_output_and_leaves_no_contain
     task_id = c.cli_ok("--target", "node1", "--", "sh", "-c",
                        "for i in 1 2 3; do echo line $i; done; while [ ! -e /shared/go ]; do sleep 0.05; done; "
                        "for i in 4 5 6; do echo line $i; done").strip()
-    c.wait_for(lambda: c.cli("--stdout", task_id).stdout == b"line 1\nline 2\nline 3\n", what="the first lines")
+    wait_until(lambda: c.cli("--stdout", task_id).stdout == b"line 1\nline 2\nline 3\n", what="the first lines")
     proxy.stop()
     (c.root / "shared" / "go").touch()
     [container] = containers_labelled(task_id)
-    c.wait_for(lambda: subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", container], capture_output=True,
+    wait_until(lambda: subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", container], capture_output=True,
                                       text=True).stdout.strip() == "exited", what="the container to end")
     proxy.start()
     task = c.wait_state(task_id, {"completed", "failed", "lost"}, timeout=60)

@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 
 from docker_fixtures import docker_engine  # noqa: F401  (fixture)
-from harness.local_cluster import BIN, Cluster, write_config
+from harness.local_cluster import BIN, Cluster, wait_until, write_config
 from hakuriver import broker, ids
 from hakuriver.config import load_config
 from hakuriver.host.ledger import _empty_row, apply_state_event
@@ -256,7 +256,7 @@ def test_status_says_why_a_task_waits(small_cluster):
         c.wait_state(task_id, "running")
 
     queued = c.cli_ok("--target", "node1", "--cores", "1", "--", "true").strip()
-    task = c.wait_for(lambda: (t := c.task(queued))["message"] and t, timeout=15, what="a reason")
+    task = wait_until(lambda: (t := c.task(queued))["message"] and t, timeout=15, what="a reason")
     assert task["state"] == "queued"
     assert task["message"] == "waiting for cores: needs 1 of the node's 2, other tasks hold them"
 
@@ -268,7 +268,7 @@ def test_status_says_why_a_task_waits(small_cluster):
     c.cli_ok("--kill", busy["node2"])
     assert c.wait_state(pool, "completed")["node"] == "node2"  # room on node2: the pool task runs there
     c.kill("node2", signal.SIGTERM)  # a polite stop: the host marks it offline at once
-    c.wait_for(lambda: c.node_states().get("node2") is False, what="node2 offline")
+    wait_until(lambda: c.node_states().get("node2") is False, what="node2 offline")
     later = c.cli_ok("--target", "node2", "--", "true").strip()
     task = c.task(later)
     assert (task["state"], task["message"]) == ("pending", "node node2 is offline")
