@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from docker_fixtures import docker_client, docker_config, docker_engine, make_spec, make_task  # noqa: F401
+from docker_fixtures import (docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
+                             unique)
 from runner.executors.base import StartFailed
 from runner.executors.docker import DockerExecutor, container_name
 
