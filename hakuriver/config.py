@@ -253,6 +253,7 @@ cores = 0                  # cores offered to tasks; 0 = all the machine has
 memory = ""                # memory offered to tasks, e.g. "16G"; "" = all
 allow_privileged = false   # may tasks ask for --privileged containers?
 allowed_mount_roots = []   # host paths under which --mount may point
+gpus = "auto"              # GPUs offered to tasks: "auto" (NVML, needs hakuriver[gpu]), "none", or "0,1"
 
 [paths]
 shared_dir = "{shared_dir}"          # shared storage: environment tarballs, data the tasks share

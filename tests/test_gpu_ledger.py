@@ -49,3 +49,12 @@ async def test_a_ledger_from_before_the_gpu_columns_gets_them(tmp_path):
         assert task["gpus"] == [1] and task["gpu_count"] == 1
     finally:
         await ledger.close()
+
+
+def test_the_dashboard_counts_gpus_from_the_heartbeat_inventory():
+    from hakuriver.host.web.data import allocation
+
+    node = {"cores_total": 4, "cores_free": 4, "memory_total": 1, "memory_free": 1,
+            "gpus": [{"index": 0}, {"index": 1}, {"index": 2}], "gpus_free": [2]}
+    assert allocation(node)["gpus_total"] == 3 and allocation(node)["gpus_allocated"] == 2
+    assert allocation({**node, "gpus": [], "gpus_free": []})["gpus_total"] is None   # shown "—"
