@@ -37,11 +37,13 @@ class NodeView:
     name: str
     capacity: Capacity
     executors: frozenset[str]
+    gpus_free: tuple[int, ...] = ()   # as of its last heartbeat: where a GPU task can start now
 
     @classmethod
     def of(cls, beat: Heartbeat) -> "NodeView":
         return cls(beat.node, Capacity(beat.cores_total, beat.memory_total, dict(beat.numa),
-                                       tuple(gpu.index for gpu in beat.gpus)), frozenset(beat.executors))
+                                       tuple(gpu.index for gpu in beat.gpus)), frozenset(beat.executors),
+                   tuple(beat.gpus_free))
 
     def cannot_run(self, task: Task) -> str | None:
         """Why this node can never run ``task`` (capacity, or no executor of its kind), or None."""

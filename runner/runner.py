@@ -240,9 +240,13 @@ class Runner:
             # It can run here. Taken while a core is free even if it does not fit yet: it then
             # waits here (and this runner takes nothing more from the pool until it starts)
             # instead of at the head of the pool, where it would hold back tasks that fit elsewhere.
-            # A GPU task is taken only while its GPUs are free: waiting here for GPUs another
-            # node has free would keep two tasks from running at once.
-            room = self.admission.has_room_for_more() and not self.waiting and self.admission.gpus_fit(task)
+            room = self.admission.has_room_for_more() and not self.waiting
+            if room and task.gpu_count and not self.admission.gpus_fit(task):
+                # Its GPUs are busy here: leave it to a node that has them free now (waiting here
+                # would keep two tasks from running at once), else wait for them here, not at
+                # the head of the pool, where it would hold back the tasks behind it.
+                room = not any(len(peer.gpus_free) >= task.gpu_count and peer.cannot_run(task) is None
+                               for peer in self.peers.online())
             return room, refusal(task, self.config.node)
         if not self.peers.settled():
             return False, None  # not everyone heard yet: do not judge

@@ -123,11 +123,18 @@ def test_pool_tasks_asking_one_gpu_run_at_once_one_per_node(tmp_path):
             running = [pool.wait_state(task_id, "running", timeout=60) for task_id, _ in held]
             assert sorted(t["node"] for t in running) == ["gpu-a", "gpu-b"]
             assert all(t["gpus"] == [0] for t in running)
+            # every GPU is busy: a third GPU task waits on a node, not at the head of the pool,
+            # so a CPU-only pool task behind it still runs
+            third = pool.cli_ok("--gpus", "1", "--", "true").strip()
+            cpu_only = pool.cli_ok("--", "true").strip()
+            pool.wait_state(cpu_only, "completed", timeout=60)
+            assert pool.task(third)["state"] in ("pending", "queued")
         finally:
             for _, gate in held:
                 gate.touch()
         for task_id, _ in held:
             pool.wait_state(task_id, "completed")
+        pool.wait_state(third, "completed", timeout=60)
 
 
 def test_status_json_has_the_requested_gpus(cluster):
