@@ -54,7 +54,8 @@ class NodeView:
             return None  # a heartbeat that does not list them (an older runner): assume it can
         try:
             # only which executors exist matters here, not the executors themselves
-            executor_for(task, dict.fromkeys(self.executors))
+            # (a name stands for each executor: None would read as "no such executor")
+            executor_for(task, {name: name for name in self.executors}, now=False)
         except TaskRejected:
             return "needs Docker" if task.container is not None else "needs a host executor"
         return None
