@@ -70,6 +70,7 @@ class TaskSpec:
     env: dict[str, str] = field(default_factory=dict)
     cores: float = 0
     memory: int | None = None
+    gpus: int = 0                      # any N free GPUs (a target's ::IDS names them instead)
     container: str | None = None
     privileged: bool = False
     mounts: list = field(default_factory=list)
@@ -147,12 +148,16 @@ class Client:
         common = dict(batch_id=batch, command=spec.command, env=spec.env, cores=spec.cores, memory=spec.memory,
                       container=spec.container, privileged=spec.privileged, mounts=spec.mounts,
                       user=user, submit_host=host, submitted_at=now)
+
+        def placed(target) -> dict:
+            gpus = None if target.gpus is None else list(target.gpus)
+            return dict(target=target.node, numa=target.numa, gpus=gpus,
+                        gpu_count=spec.gpus if gpus is None else len(gpus))
+
         try:
             if arg_lists is None:
-                return [Task(task_id=ids.new_id(), args=spec.args, target=node, numa=numa, **common)
-                        for node, numa in parsed]
-            return [Task(task_id=ids.new_id(), args=args, target=parsed[i % len(parsed)][0],
-                         numa=parsed[i % len(parsed)][1], **common)
+                return [Task(task_id=ids.new_id(), args=spec.args, **placed(target), **common) for target in parsed]
+            return [Task(task_id=ids.new_id(), args=args, **placed(parsed[i % len(parsed)]), **common)
                     for i, args in enumerate(arg_lists)]
         except ValidationError as exc:  # the receivers' own rules, said in one line
             raise BadRequest(f"invalid task: {one_line(exc)}") from None
@@ -188,11 +193,13 @@ class Client:
         node does not have, more cores or memory than the node (or, for the pool, any node)
         has. Returns notes for people: targeted nodes whose runner is not connected now."""
         wanted: dict[str, set[int]] = {}
+        gpu_ids: dict[str, set[int]] = {}
         for task in tasks:
             if task.target != POOL_KEY:
                 wanted.setdefault(task.target, set())
                 if task.numa is not None:
                     wanted[task.target].add(task.numa)
+                gpu_ids.setdefault(task.target, set()).update(task.gpus or ())
         cores, memory = max((t.cores for t in tasks), default=0), max((t.memory or 0 for t in tasks), default=0)
         views = await asyncio.gather(*(self._node_view(node) for node in wanted))
         notes = []
@@ -209,15 +216,18 @@ class Client:
             if info.memory and memory > info.memory:
                 raise BadRequest(f"--memory {format_size(memory)} is more than node {node!r} has "
                                  f"({format_size(info.memory)})")
+            _check_gpus(node, info, sorted(gpu_ids[node]),
+                        max((t.gpu_count for t in tasks if t.target == node), default=0))
             if not connected:
                 notes.append(f"node {node!r} is offline (its runner is not connected); "
                              "the task waits in its queue until it comes back")
-        pool = [t for t in tasks if t.target == POOL_KEY and (t.cores or t.memory)]
+        pool = [t for t in tasks if t.target == POOL_KEY and (t.cores or t.memory or t.gpu_count)]
         if pool:
-            await self._check_pool_fits(max(t.cores for t in pool), max(t.memory or 0 for t in pool))
+            await self._check_pool_fits(max(t.cores for t in pool), max(t.memory or 0 for t in pool),
+                                        max(t.gpu_count for t in pool))
         return notes
 
-    async def _check_pool_fits(self, cores: float, memory: int) -> None:
+    async def _check_pool_fits(self, cores: float, memory: int, gpus: int = 0) -> None:
         """Refuse a pool task that no node the host knows could ever hold (it would wait
         forever). Without an answer from the host the check is skipped: submitting needs
         the broker only."""
@@ -225,6 +235,10 @@ class Client:
             nodes = (await self.query("list_nodes", {}, timeout=POOL_CHECK_TIMEOUT))["nodes"]
         except (HostUnavailable, BadRequest):
             return
+        if gpus and nodes:
+            most_gpus = max(len(n.get("gpus") or []) for n in nodes)
+            if gpus > most_gpus:
+                raise BadRequest(f"no node can ever hold --gpus {gpus} (the most any node has is {most_gpus})")
         sizes = [(n.get("cores_total") or 0, n.get("memory_total") or 0) for n in nodes]
         if not sizes or any(c >= cores and (not memory or m >= memory) for c, m in sizes):
             return
@@ -352,6 +366,16 @@ class Client:
                 continue
             if not follow or page["terminal"]:
                 return page
+
+
+def _check_gpus(node: str, info: NodeInfo, ids: list[int], count: int) -> None:
+    """Refuse GPU ids node ``node`` lacks and more GPUs than it has (its retained info says)."""
+    has = ", ".join(map(str, info.gpus)) or "none"
+    missing = [g for g in ids if g not in info.gpus]
+    if missing:
+        raise BadRequest(f"node {node!r} has no GPU {missing[0]} (it has {has})")
+    if count > len(info.gpus):
+        raise BadRequest(f"--gpus {count} is more than node {node!r} has ({len(info.gpus)}: {has})")
 
 
 class Waiter:

@@ -46,8 +46,10 @@ def _task_id(text: str, option: str) -> int:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False,
                                  "max_content_width": 100})
-@click.option("--target", "targets", multiple=True, metavar="NODE[:NUMA]",
-              help="Node to run on (repeatable: one task per target); 'any' or none: the shared pool.")
+@click.option("--target", "targets", multiple=True, metavar="NODE[:NUMA][::GPUS]",
+              help="Node to run on (repeatable: one task per target); 'any' or none: the shared pool. "
+                   "NODE::0,1 takes exactly those GPUs.")
+@click.option("--gpus", metavar="N", help="Any N free GPUs (on the target node, or on a pool node that has them).")
 @click.option("--container", metavar="NAME", help="Container environment; NULL runs on the host. Default from config.")
 @click.option("--cores", metavar="N", help="Cores for the task (0 = no CPU limit).")
 @click.option("--memory", metavar="SIZE", help="Memory limit: 512M, 8G, 1.5G, 8GiB, 2T (binary units).")
@@ -95,7 +97,7 @@ def _validate(o: dict) -> Request:
     """Check everything that can be checked without the broker; returns the request."""
     queries = [name for name, key in QUERY_OPTIONS.items() if o[key]]
     command = list(o["command"])
-    submit_only = [flag for flag in ("targets", "container", "cores", "memory", "envs", "mounts", "privileged",
+    submit_only = [flag for flag in ("targets", "gpus", "container", "cores", "memory", "envs", "mounts", "privileged",
                                      "sweep") if o[flag]]
     list_filters = [flag for flag in ("state", "node", "batch", "limit", "before") if o[flag]]
     if len(queries) > 1:
@@ -103,7 +105,8 @@ def _validate(o: dict) -> Request:
     if queries and command:
         raise UsageError(f"--{queries[0].replace('_', '-')} takes no command (got {command[0]!r})")
     if queries and submit_only:
-        raise UsageError(f"--{submit_only[0].rstrip('s')} does not go with --{queries[0].replace('_', '-')}")
+        flag = {"targets": "target", "envs": "env", "mounts": "mount"}.get(submit_only[0], submit_only[0])
+        raise UsageError(f"--{flag} does not go with --{queries[0].replace('_', '-')}")
     if list_filters and queries != ["list_tasks"]:
         raise UsageError(f"--{list_filters[0]} goes with --list-tasks only")
     if o["timeout"] is not None and (o["timeout"] <= 0 or not o["wait"]):
@@ -202,6 +205,7 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
     if len(set(targets)) != len(targets):
         dup = next(t for t in targets if targets.count(t) > 1)
         raise UsageError(f"--target {dup!r} given twice")
+    gpus = _gpu_count(o["gpus"], targets)
     sweep_size = None
     if o["sweep"]:
         from hakurun import span
@@ -213,9 +217,26 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         if not span.has_spans(command[1:]):
             raise UsageError("--sweep needs at least one span:{a..b} or span:[x,y] argument")
         sweep_size = span.count(command[1:])
-    return SubmitRequest(command=command, targets=targets, container=o["container"], cores=cores, memory=memory,
+    return SubmitRequest(command=command, targets=targets, gpus=gpus, container=o["container"], cores=cores,
+                         memory=memory,
                          env=env, mounts=mounts, privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
                          timeout=o["timeout"], sweep_size=sweep_size, **common)
+
+
+def _gpu_count(text: str | None, targets: list[str]) -> int:
+    """``--gpus N`` as a number; a usage error if it is not one, or disagrees with a ``::IDS`` target."""
+    from hakuriver.topology import parse_target
+
+    count = 0
+    if text is not None:
+        if not (text.isdigit() and text.isascii()) or not 1 <= int(text) <= bounds.MAX_GPUS:
+            raise UsageError(f"invalid --gpus {text!r} (a whole number from 1 to {bounds.MAX_GPUS})")
+        count = int(text)
+    for target in targets:
+        ids = parse_target(target).gpus
+        if ids is not None and count and count != len(ids):
+            raise UsageError(f"--gpus {count} disagrees with --target {target!r} ({len(ids)} GPU ids)")
+    return count
 
 
 if __name__ == "__main__":

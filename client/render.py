@@ -50,12 +50,13 @@ def status(tasks: list[dict[str, Any]]) -> str:
         target = t.get("target") or "-"
         if t.get("numa") is not None:
             target += f":{t['numa']}"
+        gpus = ",".join(map(str, t.get("gpus") or [])) or (f"any {t['gpu_count']}" if t.get("gpu_count") else "-")
         fields = [
             ("task", str(t["task_id"])), ("batch", str(t.get("batch_id", "-"))), ("state", t["state"]),
             ("node", t.get("node") or "-"), ("target", target),
             ("exit code", "-" if t.get("exit_code") is None else str(t["exit_code"])),
             ("command", _command(t)), ("container", t.get("container") or "NULL (host)"),
-            ("cores", f"{t.get('cores') or 0:g}"), ("memory", format_size(t.get("memory"))),
+            ("cores", f"{t.get('cores') or 0:g}"), ("memory", format_size(t.get("memory"))), ("gpus", gpus),
             ("submitted", _when(t.get("submitted_at"))), ("started", _when(t.get("started_at"))),
             ("finished", _when(t.get("finished_at"))),
             ("output", f"{t.get('stdout_bytes', 0)} bytes stdout, {t.get('stderr_bytes', 0)} bytes stderr"),
@@ -75,12 +76,13 @@ def node_table(nodes: list[dict[str, Any]]) -> str:
             n["name"], "online" if n["online"] else "offline",
             f"{n.get('cores_free', 0):g}/{n.get('cores_total', 0):g}",
             f"{format_size(n.get('memory_free'))}/{format_size(n.get('memory_total'))}",
+            f"{len(n.get('gpus_free') or [])}/{len(n.get('gpus') or [])}" if n.get("gpus") else "-",
             ",".join(str(k) for k in sorted((n.get("numa") or {}), key=int)) or "-",
             str(len(n.get("running") or [])), str(len(n.get("queued") or [])),
             f"{n.get('cpu_percent', 0):.0f}%", ",".join(n.get("executors") or []) or "-",
             ",".join(n.get("unenforced") or []) or "-",
         ])
-    return _table(["NODE", "STATUS", "CORES FREE", "MEMORY FREE", "NUMA", "RUNNING", "QUEUED", "CPU",
+    return _table(["NODE", "STATUS", "CORES FREE", "MEMORY FREE", "GPUS", "NUMA", "RUNNING", "QUEUED", "CPU",
                    "EXECUTORS", "NOT ENFORCED"], rows)
 
 

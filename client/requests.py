@@ -21,6 +21,7 @@ class Request:
 class SubmitRequest(Request):
     command: list[str]
     targets: list[str] = field(default_factory=list)
+    gpus: int = 0                         # --gpus N (targets may name ids instead: NODE::0,1)
     container: str | None = None          # None: the config's default; "NULL": on the host
     cores: float = 0.0
     memory: int | None = None

@@ -106,7 +106,7 @@ async def _run(config: Config, request: Request) -> int:
 async def _submit(client: Client, config: Config, request: SubmitRequest) -> int:
     container = request.container if request.container is not None else config.docker.default_container
     spec = TaskSpec(command=request.command[0], args=request.command[1:], env=request.env,
-                    cores=request.cores, memory=request.memory,
+                    cores=request.cores, memory=request.memory, gpus=request.gpus,
                     container=None if container.upper() == "NULL" else container,
                     privileged=request.privileged, mounts=request.mounts)
     arg_lists = None

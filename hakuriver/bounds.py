@@ -24,6 +24,7 @@ MAX_ENV_BYTES = 128 << 10                # the user's environment, keys and valu
 MAX_MEMORY = INT64 - 1                   # bytes (--memory)
 MAX_CORES = 1 << 16                      # --cores
 MAX_NUMA_ID = (1 << 31) - 1              # node:N (a 32-bit column in the ledger)
+MAX_GPUS = 1024                          # --gpus N, and GPU ids in node::IDS (ids below it)
 
 # -- queries -----------------------------------------------------------------------------
 MAX_LIST_LIMIT = 10_000                  # --list-tasks --limit; more goes page by page

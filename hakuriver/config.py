@@ -51,6 +51,13 @@ class NodeConfig(_Section):
     memory: str = ""
     allow_privileged: bool = False
     allowed_mount_roots: list[str] = []
+    gpus: str = "auto"   # "auto" (NVML), "none", or indices declared by hand: "0,1" (README "GPUs")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_setting(cls, value: str) -> str:
+        parse_gpu_setting(value)
+        return value.strip()
 
     @field_validator("memory")
     @classmethod
@@ -73,6 +80,20 @@ class NodeConfig(_Section):
     @property
     def memory_bytes(self) -> int | None:
         return parse_size(self.memory) if self.memory else None
+
+
+def parse_gpu_setting(text: str) -> str | list[int]:
+    """``[node] gpus`` as "auto", "none" or a list of GPU indices; ValueError naming a bad value."""
+    text = text.strip()
+    if text in ("auto", "none"):
+        return text
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and part.isascii() for part in parts):
+        raise ValueError(f"invalid gpus {text!r} (use \"auto\", \"none\" or indices such as \"0,1\")")
+    indices = [int(part) for part in parts]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"invalid gpus {text!r}: an index is given twice")
+    return indices
 
 
 class PathsConfig(_Section):
@@ -242,6 +263,7 @@ cores = 0                  # cores offered to tasks; 0 = all the machine has
 memory = ""                # memory offered to tasks, e.g. "16G"; "" = all
 allow_privileged = false   # may tasks ask for --privileged containers?
 allowed_mount_roots = []   # host paths under which --mount may point
+gpus = "auto"              # GPUs offered to tasks: "auto" (NVML, needs hakuriver[gpu]), "none", or "0,1"
 
 [paths]
 shared_dir = "{shared_dir}"          # shared storage: environment tarballs, data the tasks share

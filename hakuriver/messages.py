@@ -14,9 +14,9 @@ import time
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
-                      field_validator)
+                      field_validator, model_validator)
 
-from hakuriver.bounds import (MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_MEMORY,
+from hakuriver.bounds import (MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_GPUS, MAX_MEMORY,
                               MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
 from hakuriver.states import TaskState
 from hakuriver.topology import target_key
@@ -90,6 +90,9 @@ class Task(Message):
     memory: int | None = Field(default=None, gt=0, le=MAX_MEMORY)        # bytes
     target: str                                                          # node name, or "any" for the pool
     numa: int | None = Field(default=None, ge=0, le=MAX_NUMA_ID)
+    # GPUs: exactly these ids (``node::0,1``), or any ``gpu_count`` free ones; with ids, gpu_count == len(gpus)
+    gpus: list[Annotated[int, Field(ge=0, lt=MAX_GPUS)]] | None = Field(default=None, min_length=1, max_length=MAX_GPUS)
+    gpu_count: int = Field(default=0, ge=0, le=MAX_GPUS)
     container: str | None = None                    # None = host execution
     privileged: bool = False
     mounts: list[Mount] = []
@@ -113,6 +116,15 @@ class Task(Message):
         if size > MAX_ENV_BYTES:
             raise ValueError(f"environment is {size} bytes, over the {MAX_ENV_BYTES} byte bound")
         return value
+
+    @model_validator(mode="after")
+    def _gpus_agree(self) -> "Task":
+        if self.gpus is not None:
+            if len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"GPU ids {self.gpus} repeat one")
+            if self.gpu_count != len(self.gpus):
+                raise ValueError(f"gpu_count {self.gpu_count} disagrees with the {len(self.gpus)} GPU ids {self.gpus}")
+        return self
 
     def to_bytes(self) -> bytes:
         """The encoded task; :class:`MessageTooLarge` if receivers would refuse it for its size
@@ -142,6 +154,7 @@ class StateEvent(Message):
     message: str = ""
     task: Task | None = None
     unenforced: list[str] = []   # limits the executor could not enforce (e.g. ["memory"])
+    gpus: list[int] | None = None  # ``running``: the GPU ids the task holds (None: none)
 
 
 class OutputChunk(BaseModel):
@@ -179,6 +192,20 @@ class NumaNode(BaseModel):
     memory: int  # bytes
 
 
+class Gpu(BaseModel):
+    """One GPU of a node. Declared by hand (``[node] gpus = "0,1"``) only ``index`` is known;
+    read through NVML, the rest too. ``index`` is NVML's (PCI bus) order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    index: int = Field(ge=0, lt=MAX_GPUS)
+    uuid: str = ""
+    name: str = ""
+    memory_total: int = 0      # bytes
+    memory_used: int = 0       # bytes
+    utilization: float = 0.0   # percent, GPU busy over NVML's last sample
+    numa: int | None = None    # the NUMA node it hangs off, when known
+
+
 class Heartbeat(Message):
     node: str
     time: float = Field(default_factory=time.time)
@@ -196,6 +223,8 @@ class Heartbeat(Message):
     executors: list[str] = []
     unenforced: list[str] = []   # limits this node cannot enforce for host tasks
     stopping: bool = False       # sent once when a runner shuts down politely
+    gpus: list[Gpu] = []         # the node's GPUs
+    gpus_free: list[int] = []    # indices of the GPUs no task holds
 
 
 class NodeInfo(Message):
@@ -206,6 +235,7 @@ class NodeInfo(Message):
     numa: list[int] = []
     cores: float = 0
     memory: int = 0
+    gpus: list[int] = []   # GPU indices
 
 
 class RpcRequest(Message):

@@ -18,7 +18,8 @@ Queues:
 Every routing key is built *and* parsed here: a key written by one process and read by
 another has one definition, so the two can never drift apart. :meth:`Topology.parse_key`
 turns an events-exchange key back into a small typed value (:class:`TaskKey` or
-:class:`NodeKey`); :func:`parse_target` does the same for a task target.
+:class:`NodeKey`); :func:`parse_target` does the same for a task target (GPU ids after ``::``
+are part of the task, not of its routing key).
 """
 
 from __future__ import annotations
@@ -54,19 +55,41 @@ class NodeKey(NamedTuple):
     node: str
 
 
-def parse_target(text: str) -> tuple[str, int | None]:
-    """A task target, ``NODE`` or ``NODE:NUMA``, as (node, NUMA id or None); ValueError naming it."""
-    node, sep, numa = text.partition(":")
-    if not NODE_NAME.match(node) or (sep and not numa.isdigit()):
-        raise ValueError(f"invalid target {text!r} (use NODE or NODE:NUMA with NUMA a number ≥ 0)")
-    if node == POOL_KEY and sep:
-        raise ValueError(f"invalid target {text!r}: the pool takes no NUMA id")
-    return node, int(numa) if sep else None
+class Target(NamedTuple):
+    """A parsed ``--target``: node, NUMA id or None, explicit GPU ids or None."""
+
+    node: str
+    numa: int | None = None
+    gpus: tuple[int, ...] | None = None
 
 
-def target_key(node: str, numa: int | None = None) -> str:
-    """The tasks-exchange key of a target: ``NODE`` or ``NODE:NUMA`` (the inverse of :func:`parse_target`)."""
-    return node if numa is None else f"{node}:{numa}"
+def parse_target(text: str) -> Target:
+    """A task target, ``NODE``, ``NODE:NUMA``, ``NODE::IDS`` or ``NODE:NUMA::IDS`` (IDS: GPU ids
+    such as ``0,1``), as a :class:`Target`; ValueError naming it."""
+    place, sep, ids = text.partition("::")
+    gpus = None
+    if sep:
+        parts = ids.split(",")
+        if not all(part.isdigit() and part.isascii() for part in parts):
+            raise ValueError(f"invalid target {text!r}: after '::' come GPU ids, numbers ≥ 0 separated by commas")
+        gpus = tuple(int(part) for part in parts)
+        repeated = sorted({g for g in gpus if gpus.count(g) > 1})
+        if repeated:
+            raise ValueError(f"invalid target {text!r}: GPU {repeated[0]} given twice")
+    node, sep, numa = place.partition(":")
+    if not NODE_NAME.match(node) or (sep and not (numa.isdigit() and numa.isascii())):
+        raise ValueError(f"invalid target {text!r} (use NODE, NODE:NUMA, NODE::GPUS or NODE:NUMA::GPUS, "
+                         "numbers ≥ 0)")
+    if node == POOL_KEY and (sep or gpus is not None):
+        raise ValueError(f"invalid target {text!r}: the pool takes no NUMA id or GPU ids (use --gpus N)")
+    return Target(node, int(numa) if sep else None, gpus)
+
+
+def target_key(node: str, numa: int | None = None, gpus: tuple[int, ...] | list[int] | None = None) -> str:
+    """A target as text, ``NODE[:NUMA][::IDS]`` (the inverse of :func:`parse_target`). Without GPU
+    ids it is the tasks-exchange key of the target: a runner binds its node and NUMA keys only."""
+    key = node if numa is None else f"{node}:{numa}"
+    return key if gpus is None else key + "::" + ",".join(map(str, gpus))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Admission: which waiting tasks fit the node's free cores and memory now.
+"""Admission: which waiting tasks fit the node's free cores, memory and GPUs now.
 
 Cores are accounted per NUMA node for ``node:N`` targets and node-wide for the
 rest; ``--cores 0`` takes no core; a task without ``--memory`` reserves none.
@@ -8,6 +8,12 @@ passes it any more, so no task waits forever behind a stream of small ones.
 A task that does not start is told why (:meth:`Admission.why_waiting`), in words
 that name the resource it waits for and stay the same while it waits for it, so
 the runner can report a reason without an event per freed core.
+
+GPUs are exclusive: a task takes the GPU ids it names (``node::0,1``) or the lowest free
+ones (``--gpus N``), and holds them until it ends (:attr:`Admission.allocated`; a restart
+gives an adopted task its stored GPUs back). The oldest task held back for GPUs only holds
+back the GPU tasks behind it: a CPU-only task that fits still starts, as long as the held
+task's cores and memory stay free for it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class Capacity:
     cores: float
     memory: int
     numa: dict[int, NumaNode] = field(default_factory=dict)
+    gpus: tuple[int, ...] = ()   # GPU indices
 
     def numa_cores(self, numa: int) -> float:
         """Cores of one NUMA node offered to tasks (its CPUs, scaled down if the node offers fewer)."""
@@ -41,6 +48,11 @@ def never_fits(task: Task, cap: Capacity, where: str = "the node") -> str | None
         return f"{task.cores:g} cores requested; {where} offers {cap.cores:g}"
     if task.memory is not None and task.memory > cap.memory:
         return f"{format_size(task.memory)} memory requested; {where} offers {format_size(cap.memory)}"
+    missing = [g for g in task.gpus or () if g not in cap.gpus]
+    if missing:
+        return f"{where} has no GPU {missing[0]} (it has {', '.join(map(str, cap.gpus)) or 'none'})"
+    if task.gpu_count > len(cap.gpus):
+        return f"{task.gpu_count} GPUs requested; {where} has {len(cap.gpus)}"
     return None
 
 
@@ -53,12 +65,25 @@ class Admission:
         self.numa_used: dict[int, float] = {n: 0.0 for n in capacity.numa}
         self._bypassed: dict[int, int] = {}
         self.holding: int | None = None  # the task the last choose() held everything behind
+        self.allocated: dict[int, list[int]] = {}  # task id → the GPU ids it holds
+        self._gpu_holder: dict[int, int] = {}      # GPU id → the task holding it
 
     def never_fits(self, task: Task) -> str | None:
         """Why this node can never run ``task``, or None."""
         return never_fits(task, self.capacity)
 
+    def free_gpus(self) -> list[int]:
+        return [g for g in self.capacity.gpus if g not in self._gpu_holder]
+
+    def gpus_fit(self, task: Task) -> bool:
+        if task.gpus is not None:
+            return not any(g in self._gpu_holder for g in task.gpus)
+        return task.gpu_count <= len(self.free_gpus())
+
     def fits(self, task: Task) -> bool:
+        return self.gpus_fit(task) and self._fits_without_gpus(task)
+
+    def _fits_without_gpus(self, task: Task) -> bool:
         if self.cores_used + task.cores > self.capacity.cores + 1e-9:
             return False
         if task.memory is not None and self.memory_used + task.memory > self.capacity.memory:
@@ -68,13 +93,24 @@ class Admission:
             return False
         return True
 
-    def take(self, task: Task) -> None:
+    def take(self, task: Task, gpus: list[int] | None = None) -> None:
+        """Count ``task``'s cores and memory as used and give it GPUs: ``gpus`` (an adopted task's
+        stored allocation), the ids it names, or the lowest free ones."""
         self.cores_used += task.cores
         self.memory_used += task.memory or 0
         if task.numa is not None:
             self.numa_used[task.numa] += task.cores
+        if gpus is None:
+            gpus = list(task.gpus) if task.gpus is not None else self.free_gpus()[:task.gpu_count]
+        if gpus:
+            self.allocated[task.task_id] = list(gpus)
+            for gpu in gpus:
+                self._gpu_holder[gpu] = task.task_id
 
     def release(self, task: Task) -> None:
+        for gpu in self.allocated.pop(task.task_id, []):
+            if self._gpu_holder.get(gpu) == task.task_id:
+                del self._gpu_holder[gpu]
         self.cores_used -= task.cores
         self.memory_used -= task.memory or 0
         if task.numa is not None:
@@ -85,7 +121,10 @@ class Admission:
         started: list[Task] = []
         blocked: list[Task] = []
         self.holding = None
+        held_for_gpus: Task | None = None  # the held task lacks GPUs only: CPU-only tasks may pass
         for task in waiting:
+            if held_for_gpus is not None and (task.gpu_count or not self._leaves_room(task, held_for_gpus)):
+                continue
             if self.fits(task):
                 self.take(task)
                 started.append(task)
@@ -93,16 +132,36 @@ class Admission:
                     self._bypassed[b.task_id] = self._bypassed.get(b.task_id, 0) + 1
             else:
                 blocked.append(task)
-                if self._bypassed.get(task.task_id, 0) >= self.max_bypass:
+                if self._bypassed.get(task.task_id, 0) >= self.max_bypass and held_for_gpus is None:
                     self.holding = task.task_id
+                    if task.gpu_count and self._fits_without_gpus(task):
+                        held_for_gpus = task
+                        continue
                     break  # passed often enough: hold everything behind it until it fits
         for task in started:
             self._bypassed.pop(task.task_id, None)
         return started
 
+    def _leaves_room(self, task: Task, held: Task) -> bool:
+        """Whether ``held`` still finds its cores and memory once ``task`` takes its own."""
+        if not self._fits_without_gpus(task):
+            return True  # it does not start anyway
+        self.take(task, gpus=[])
+        try:
+            return self._fits_without_gpus(held)
+        finally:
+            self.release(task)
+
     def why_waiting(self, task: Task) -> str:
         """Why ``task`` (left waiting by the last :meth:`choose`) does not start now."""
         cap = self.capacity
+        if not self.gpus_fit(task):
+            if task.gpus is not None:
+                busy = [g for g in task.gpus if g in self._gpu_holder]
+                return (f"waiting for GPU {busy[0]}: another task holds it"
+                        if len(busy) == 1 else f"waiting for GPUs {','.join(map(str, busy))}: other tasks hold them")
+            return (f"waiting for GPUs: needs {task.gpu_count} of the node's {len(cap.gpus)}, "
+                    f"other tasks hold them")
         if task.numa is not None and (self.numa_used[task.numa] + task.cores
                                       > cap.numa_cores(task.numa) + 1e-9):
             return (f"waiting for cores on NUMA node {task.numa}: needs {task.cores:g} of its "

@@ -6,7 +6,7 @@ must neither be rejected while another node could run it, nor sit at the head of
 forever when no node can. So a runner leaves such a task to the others (as it does when it
 has no room) while some online node could run it, and rejects it, saying why, when none can.
 
-Heartbeats already carry each node's cores, memory and executors, so listening to them is
+Heartbeats already carry each node's cores, memory, GPUs and executors, so listening to them is
 enough: no new message, no round trip to the host. A rejection cannot be undone, so the
 judgement is cautious: a node counts as online here until it has been silent for
 ``FORGET_AFTER`` offline windows (a node briefly late under load still counts) or said it
@@ -36,11 +36,13 @@ class NodeView:
     name: str
     capacity: Capacity
     executors: frozenset[str]
+    gpus_free: tuple[int, ...] = ()   # as of its last heartbeat: where a GPU task can start now
 
     @classmethod
     def of(cls, beat: Heartbeat) -> "NodeView":
-        return cls(beat.node, Capacity(beat.cores_total, beat.memory_total, dict(beat.numa)),
-                   frozenset(beat.executors))
+        return cls(beat.node, Capacity(beat.cores_total, beat.memory_total, dict(beat.numa),
+                                       tuple(gpu.index for gpu in beat.gpus)), frozenset(beat.executors),
+                   tuple(beat.gpus_free))
 
     def cannot_run(self, task: Task) -> str | None:
         """Why this node can never run ``task`` (capacity, or no executor of its kind), or None."""
@@ -66,6 +68,9 @@ def pool_refusal(task: Task, nodes: list[NodeView]) -> str | None:
         why = f"{task.cores:g} cores requested; the largest online node offers {most_cores:g}"
     elif task.memory is not None and task.memory > most_memory:
         why = f"{format_size(task.memory)} memory requested; the largest online node offers {format_size(most_memory)}"
+    elif task.gpu_count > max(len(node.capacity.gpus) for node in nodes):
+        why = (f"{task.gpu_count} GPUs requested; the most any online node has is "
+               f"{max(len(node.capacity.gpus) for node in nodes)}")
     elif task.container is not None and not any("docker" in node.executors for node in nodes):
         why = f"container {task.container!r} needs Docker; no online node has it"
     else:

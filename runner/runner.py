@@ -40,6 +40,7 @@ from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
 from runner.admission import Admission, Capacity
 from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFailed, TaskRejected
 from runner.executors.select import available_executors, executor_for, usable
+from runner.gpus import Inventory
 from runner.numa import detect_topology
 from runner.output import OutputStream
 from runner.peers import NodeView, Peers, pool_refusal
@@ -84,7 +85,8 @@ class Runner:
         self.numa = detect_topology()
         cores = config.node.cores or os.cpu_count() or 1
         memory = config.node.memory_bytes or psutil.virtual_memory().total
-        self.admission = Admission(Capacity(cores, memory, self.numa))
+        self.gpus = Inventory(config.node.gpus)
+        self.admission = Admission(Capacity(cores, memory, self.numa, tuple(self.gpus.indices)))
         self.executors = executors if executors is not None else available_executors(config)
         self.waiting: list[Task] = []
         self._told: dict[int, tuple[float, str]] = {}  # waiting task → (since, reason last told)
@@ -115,9 +117,9 @@ class Runner:
         self._spawn(self._output_loop())
         self._spawn(self._heartbeat_loop())
         await self._start_consumers()
-        log.info("runner %s: %g cores, %s bytes, NUMA %s, executors %s", self.node,
+        log.info("runner %s: %g cores, %s bytes, NUMA %s, GPUs %s, executors %s", self.node,
                  self.admission.capacity.cores, self.admission.capacity.memory, sorted(self.numa),
-                 sorted(self.executors))
+                 self.gpus.indices or "none", sorted(self.executors))
 
     async def stop(self) -> None:
         """Stop taking work and close. Running tasks are left as they are (a restart recovers them)."""
@@ -177,7 +179,7 @@ class Runner:
             queue_name, durable=True,
             arguments=self.topo.durable_args(dead_letter=False, **{"x-max-length": 1, "x-overflow": "drop-head"}))
         info = NodeInfo(node=self.node, numa=sorted(self.numa), cores=self.admission.capacity.cores,
-                        memory=self.admission.capacity.memory)
+                        memory=self.admission.capacity.memory, gpus=self.gpus.indices)
         await self._publish_channel.default_exchange.publish(
             broker.persistent(info.to_bytes()), routing_key=queue_name, mandatory=False)
 
@@ -239,7 +241,14 @@ class Runner:
             # It can run here. Taken while a core is free even if it does not fit yet: it then
             # waits here (and this runner takes nothing more from the pool until it starts)
             # instead of at the head of the pool, where it would hold back tasks that fit elsewhere.
-            return self.admission.has_room_for_more() and not self.waiting, refusal(task, self.config.node)
+            room = self.admission.has_room_for_more() and not self.waiting
+            if room and task.gpu_count and not self.admission.gpus_fit(task):
+                # Its GPUs are busy here: leave it to a node that has them free now (waiting here
+                # would keep two tasks from running at once), else wait for them here, not at
+                # the head of the pool, where it would hold back the tasks behind it.
+                room = not any(len(peer.gpus_free) >= task.gpu_count and peer.cannot_run(task) is None
+                               for peer in self.peers.online())
+            return room, refusal(task, self.config.node)
         if not self.peers.settled():
             return False, None  # not everyone heard yet: do not judge
         rejection = pool_refusal(task, [self._view(), *self.peers.online()])
@@ -370,8 +379,14 @@ class Runner:
             env["HAKURIVER_NUMA_NODE"] = str(task.numa)
             cpus, mems = self.numa[task.numa].cpus, [task.numa]
         env.update(task.env)
+        gpus = self.admission.allocated.get(task.task_id)
+        if task.container is None:  # after the user's variables: a task sees only its own GPUs
+            env.update(self.gpus.host_env(gpus))
+        elif gpus:
+            env["HAKURIVER_GPUS"] = ",".join(map(str, gpus))
         return RunSpec(env=env, stdout_path=self.output_dir / f"{task.task_id}.stdout",
                        stderr_path=self.output_dir / f"{task.task_id}.stderr", cpus=cpus, mems=mems,
+                       gpus=self.gpus.device_ids(gpus),
                        shared_dir=self.config.paths.shared_dir, local_temp_dir=self.config.paths.local_temp_dir)
 
     def _output_stream(self, task_id: int, spec: RunSpec, sent: dict[str, int] | None = None) -> OutputStream:
@@ -404,8 +419,10 @@ class Runner:
             running.handle = handle
             telling.cancel()
             message = f"limits not enforced: {', '.join(handle.unenforced)}" if handle.unenforced else ""
-            self.store.transition(task.task_id, TaskState.RUNNING, handle=handle.to_dict(), message=message,
-                                  unenforced=handle.unenforced)
+            gpus = self.admission.allocated.get(task.task_id)
+            # the GPUs are stored with the handle: a restart that adopts the task gives it them back
+            self.store.transition(task.task_id, TaskState.RUNNING, handle={**handle.to_dict(), "gpus": gpus},
+                                  message=message, unenforced=handle.unenforced, gpus=gpus)
             if running.kill_requested:  # a kill came while it was starting
                 self._spawn(executor.stop(handle, self.config.timing.kill_grace))
             await self._watch(running)
@@ -492,6 +509,7 @@ class Runner:
                     self.waiting.append(task)
                     self._told[task.task_id] = (time.monotonic(), "")
                 continue
+            self.admission.take(task, gpus=(stored.handle or {}).get("gpus"))
             spec = self._spec(task)
             output = self._output_stream(task.task_id, spec, {"stdout": stored.stdout_sent,
                                                               "stderr": stored.stderr_sent})
@@ -499,7 +517,6 @@ class Runner:
             running = Running(task, executor or next(iter(self.executors.values())), output,
                               kill_requested=stored.kill_requested)
             self.running[task.task_id] = running
-            self.admission.take(task)
             if stored.outcome is not None:
                 outcome = stored.outcome
                 self._spawn(self._finish(running, TaskState(outcome["state"]), outcome["exit_code"],
@@ -550,7 +567,7 @@ class Runner:
             queued=[t.task_id for t in self.waiting]
             + sorted(i for i, r in self.running.items() if r.handle is None and not r.ending),
             version=hakuriver.__version__, executors=usable(self.executors), unenforced=unenforced,
-            stopping=stopping)
+            stopping=stopping, gpus=self.gpus.read(), gpus_free=self.admission.free_gpus())
 
     async def _publish_heartbeat(self, stopping: bool = False) -> None:
         expiration = max(1.0, self.config.timing.offline_after)

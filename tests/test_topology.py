@@ -28,6 +28,23 @@ def test_other_keys_are_refused_by_name(key):
         Topology.parse_key(key)
 
 
-@pytest.mark.parametrize("node, numa", [("node1", None), ("node1", 0), ("any", None), ("a.b", 3)])
-def test_target_keys_parse_back(node, numa):
-    assert parse_target(target_key(node, numa)) == (node, numa)
+@pytest.mark.parametrize("node, numa, gpus", [("node1", None, None), ("node1", 0, None), ("any", None, None),
+                                             ("a.b", 3, None), ("node1", None, (0, 1)), ("node1", 1, (3,))])
+def test_target_keys_parse_back(node, numa, gpus):
+    assert parse_target(target_key(node, numa, gpus)) == (node, numa, gpus)
+
+
+def test_gpu_ids_are_not_part_of_the_routing_key():
+    assert target_key("node1", 1) == "node1:1"
+    assert target_key("node1", None, (0, 1)) == "node1::0,1"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("node1::", "GPU ids"), ("node1::a", "GPU ids"), ("node1::0,,1", "GPU ids"), ("node1::-1", "GPU ids"),
+    ("node1::0,0", "GPU 0 given twice"), ("node1:::0", "invalid target"), ("any::0", "pool"),
+    ("node1:x::0", "invalid target"), ("::0", "invalid target"),
+])
+def test_bad_gpu_targets_are_refused_by_name(text, says):
+    with pytest.raises(ValueError, match=says) as caught:
+        parse_target(text)
+    assert repr(text) in str(caught.value)

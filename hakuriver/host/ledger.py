@@ -32,6 +32,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
                         bindparam, event, insert, select, update)
+from sqlalchemy import inspect as inspect_schema, text as sql_text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -65,6 +66,8 @@ tasks_table = Table(
     Column("env", JSON),
     Column("cores", Float),
     Column("memory", BigInteger),
+    Column("gpus", JSON),          # the GPU ids asked for (node::IDS), then the ones it holds while it runs
+    Column("gpu_count", Integer),
     Column("container", String(255)),
     Column("privileged", Boolean),
     Column("mounts", JSON),
@@ -99,13 +102,14 @@ nodes_table = Table(
 )
 
 # Columns a task's submission fixes; filled from ``event.task`` whenever an event has it.
-_SPEC_FIELDS = ("batch_id", "target", "numa", "command", "args", "env", "cores", "memory", "container",
+_SPEC_FIELDS = ("batch_id", "target", "numa", "command", "args", "env", "cores", "memory", "gpus", "gpu_count",
+                "container",
                 "privileged", "mounts", "user", "submit_host", "submitted_at")
 _TASK_COLUMNS = tuple(column.name for column in tasks_table.columns)
 # What the RPC shows of a task (the ledger's bookkeeping columns stay inside).
 TASK_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_code", "command", "args", "env",
-               "cores", "memory", "container", "privileged", "mounts", "user", "submit_host", "submitted_at",
-               "queued_at", "started_at", "finished_at", "message", "stdout_bytes", "stderr_bytes", "unenforced")
+               "cores", "memory", "gpus", "gpu_count", "container", "privileged", "mounts", "user", "submit_host",
+               "submitted_at", "queued_at", "started_at", "finished_at", "message", "stdout_bytes", "stderr_bytes", "unenforced")
 
 
 def _empty_row(task_id: int) -> dict[str, Any]:
@@ -126,7 +130,10 @@ def _spec_values(task: Task) -> dict[str, Any]:
 def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
     """Apply ``ev`` to ``row`` in place by the ledger's rules; True if the state changed."""
     if ev.task is not None:
+        allocated = row["gpus"] if row["started_at"] is not None else None
         row.update(_spec_values(ev.task))
+        if allocated is not None:  # a late ``queued`` event does not undo the GPUs it runs on
+            row["gpus"] = allocated
     current = TaskState(row["state"])
     runner_overrides_host = current is TaskState.LOST and row["lost_by_host"]
     if ev.seq <= row["seq"] or (current in TERMINAL and not runner_overrides_host):
@@ -144,6 +151,8 @@ def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
         row["queued_at"] = ev.time if row["queued_at"] is None else min(row["queued_at"], ev.time)
     elif ev.state is TaskState.RUNNING:
         row["started_at"] = ev.time
+        if ev.gpus is not None:
+            row["gpus"] = list(ev.gpus)
         row["finished_at"] = None  # back from a host-marked "lost"
     elif ev.state in TERMINAL:
         row["finished_at"] = ev.time
@@ -156,6 +165,18 @@ def _fill_missing_time(row: dict[str, Any], ev: StateEvent) -> None:
         row[column] = ev.time
 
 
+# Columns added after the first release: a ledger made before them gets them on open
+# (nullable, so the rows it holds read as "asked for no GPU").
+_ADDED_COLUMNS = {"gpus": "JSON", "gpu_count": "INTEGER"}
+
+
+def _add_missing_columns(conn: Any) -> None:
+    have = {column["name"] for column in inspect_schema(conn).get_columns("tasks")}
+    for name, kind in _ADDED_COLUMNS.items():
+        if name not in have:
+            conn.execute(sql_text(f"ALTER TABLE tasks ADD COLUMN {name} {kind}"))
+
+
 def task_dict(row: Any) -> dict[str, Any]:
     """The public form of a task row (the RPC's TaskDict)."""
     mapping = row if isinstance(row, dict) else row._mapping
@@ -165,7 +186,7 @@ def task_dict(row: Any) -> dict[str, Any]:
 # What a list row carries: what ``--list-tasks`` shows and its ``--json`` documents. Not the
 # environment or mounts, and the command line and message cut to LIST_TEXT_CHARS, so a page
 # stays small whatever the tasks carry (``--status`` has everything).
-LIST_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_code", "cores", "memory",
+LIST_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_code", "cores", "memory", "gpus",
                "container", "user", "submitted_at", "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 
 
@@ -285,6 +306,7 @@ class Ledger:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         async with self.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
+            await conn.run_sync(_add_missing_columns)
 
     async def close(self) -> None:
         self._files.close()

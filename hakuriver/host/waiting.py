@@ -44,6 +44,9 @@ def _pool_reason(task: dict[str, Any], online: list[dict[str, Any]]) -> str:
     needs = [f"{max(task.get('cores') or 0, 1):g} cores"]  # runners take from the pool only with a core free
     if task.get("memory"):
         needs.append(f"{format_size(task['memory'])} memory")
+    if task.get("gpu_count"):
+        needs.append(f"{task['gpu_count']} GPUs")
     free = ", ".join(f"{n['name']} {n.get('cores_free', 0):g} cores/{format_size(n.get('memory_free'))}"
+                     + (f"/{len(n.get('gpus_free') or [])} GPUs" if task.get("gpu_count") else "")
                      for n in online[:8])
     return f"waiting for a node with room for {' and '.join(needs)} (free now: {free})"

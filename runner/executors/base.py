@@ -34,6 +34,7 @@ class RunSpec:
     shared_dir: str = ""
     local_temp_dir: str = ""
     cwd: str | None = None              # host tasks: None = their own directory under local temp
+    gpus: list[str] = field(default_factory=list)  # containers: Docker device ids of the task's GPUs
 
 
 @dataclass

@@ -411,6 +411,9 @@ class DockerExecutor(Executor):
             host_config["CpusetCpus"] = ",".join(str(cpu) for cpu in spec.cpus)
         if spec.mems:
             host_config["CpusetMems"] = ",".join(str(mem) for mem in spec.mems)
+        if spec.gpus:  # as `docker run --gpus device=...`: the NVIDIA runtime's hook picks them up
+            host_config["DeviceRequests"] = [{"Driver": "", "Count": 0, "DeviceIDs": list(spec.gpus),
+                                              "Capabilities": [["gpu"]], "Options": {}}]
         if task.memory:
             host_config["Memory"] = task.memory
             host_config["MemorySwap"] = task.memory  # no swap beyond the limit
@@ -566,6 +569,9 @@ def _size(path: Path) -> int:
 
 def _start_failure(task: Task, docker_message: str) -> str:
     lowered = docker_message.lower()
+    if "could not select device driver" in lowered:
+        return (f"this node's Docker has no NVIDIA runtime, so the task's GPUs cannot be given to its container "
+                f"(install the NVIDIA Container Toolkit; Docker said: {docker_message.strip()})")
     if "executable file not found" in lowered or "no such file or directory" in lowered:
         return f"command not found: {task.command} ({docker_message.strip()})"
     if "permission denied" in lowered:

@@ -161,16 +161,16 @@ async def nodes(ledger: Ledger) -> list[dict[str, Any]]:
 
 
 def allocation(node: dict[str, Any]) -> dict[str, float | int | None]:
-    """What a node's tasks hold of its cores, memory and GPUs (GPUs: None until runners report them)."""
+    """What a node's tasks hold of its cores, memory and GPUs (GPUs: None on a node without any)."""
     cores_total = node.get("cores_total") or 0
     memory_total = node.get("memory_total") or 0
     gpus = node.get("gpus")
     return {"cores_total": cores_total, "cores_allocated": max(0.0, cores_total - (node.get("cores_free") or 0)),
             "memory_total": memory_total,
             "memory_allocated": max(0, memory_total - (node.get("memory_free") or 0)),
-            "gpus_total": len(gpus) if isinstance(gpus, list) else None,
-            "gpus_allocated": (sum(1 for gpu in gpus if isinstance(gpu, dict) and gpu.get("task_id"))
-                               if isinstance(gpus, list) else None)}
+            # from the heartbeat's GPU inventory; None (shown "—") on a node without GPUs
+            "gpus_total": len(gpus) if gpus else None,
+            "gpus_allocated": max(0, len(gpus) - len(node.get("gpus_free") or [])) if gpus else None}
 
 
 async def finished_by_node(ledger: Ledger) -> list[tuple[str, str, int]]:

@@ -91,7 +91,7 @@ async def exposition(ledger: Ledger, topo: Topology, connection: Any) -> bytes:
             ("cores_allocated", "Cores held by the node's running tasks"),
             ("memory_total_bytes", "Memory the node offers to tasks"),
             ("memory_allocated_bytes", "Memory held by the node's running tasks"),
-            ("gpus_total", "GPUs the node offers to tasks (0 until runners report GPUs)"),
+            ("gpus_total", "GPUs the node offers to tasks (0 on a node without GPUs)"),
             ("gpus_allocated", "GPUs held by the node's running tasks"))}
     for node in nodes:
         name = node["name"]
