@@ -13,7 +13,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -42,6 +42,7 @@ class NodeConfig(_Section):
     memory: str = ""
     allow_privileged: bool = False
     allowed_mount_roots: list[str] = []
+    executor: Literal["auto", "process", "systemd"] = "auto"  # host tasks; auto: systemd where it is PID 1
 
     @field_validator("memory")
     @classmethod
@@ -204,6 +205,8 @@ cores = 0                  # cores offered to tasks; 0 = all the machine has
 memory = ""                # memory offered to tasks, e.g. "16G"; "" = all
 allow_privileged = false   # may tasks ask for --privileged containers?
 allowed_mount_roots = []   # host paths under which --mount may point
+executor = "auto"          # host tasks: "auto" = systemd scopes where systemd is PID 1, else
+                           # "process" (own cgroup v1/v2 files); "process" or "systemd" forces one
 
 [paths]
 shared_dir = "{shared_dir}"          # shared storage: environment tarballs, data the tasks share
