@@ -151,6 +151,9 @@ class SystemdExecutor(ProcessExecutor):
     async def _cleanup(self, handle: Handle) -> None:
         unit = handle.data.get("unit")
         if unit:
+            # SIGKILL first: `systemctl stop` alone sends SIGTERM and waits out the stop
+            # timeout (90 s by default) for a leftover process that ignores it
+            await _systemctl("kill", "--signal=SIGKILL", unit)
             await _systemctl("stop", unit)
             await _systemctl("reset-failed", unit)
 
