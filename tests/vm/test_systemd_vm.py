@@ -243,9 +243,11 @@ def test_a_runner_restart_while_a_task_runs_ends_it_lost(vm, fabric):
     wait_until(lambda: guest_pids(vm, marker), SLOW, "the task in the guest")
     vm.sh("systemctl restart hakuriver-runner", timeout=SLOW)
     status = fabric.wait_state(task_id, {"lost", "completed", "failed", "killed"}, timeout=SLOW)
-    # README: process and systemd tasks that died with their runner end lost
+    # README: process and systemd tasks that died with their runner end lost; whether the host
+    # said so first (the stopping runner's last heartbeat) or the restarted runner, it stays lost
     assert status["state"] == "lost", status
-    assert "could not follow" in (status.get("message") or ""), status
+    assert status.get("message") in (f"node {NODE} went offline",
+                                     "the runner restarted and could not follow the task"), status
     assert guest_pids(vm, marker) == []
     assert vm.sh(f"systemctl list-units --all --no-legend '{fabric.prefix}-task-{task_id}.scope'").strip() == ""
     # the restarted runner takes new work
@@ -276,14 +278,19 @@ def process_executor(vm, fabric):
 def test_the_forced_process_executor_writes_the_v2_files(vm, fabric, process_executor):
     script = own_cgroup_script("""\
         print(json.dumps({"path": path, "cpu.max": read('cpu.max'), "memory.max": read('memory.max'),
-                          "cpuset.cpus": read('cpuset.cpus'), "cpuset.mems": read('cpuset.mems')}))
+                          "cpuset.cpus": read('cpuset.cpus'), "cpuset.mems": read('cpuset.mems'),
+                          "affinity": sorted(os.sched_getaffinity(0)),
+                          "parent": open(os.path.dirname(cg) + '/cgroup.subtree_control').read().split()}))
         """)
     status, out = run_task(fabric, "--cores", "0.5", "--memory", "64M", "--target", f"{NODE}:1", "--",
                            "python3", "-c", script)
     assert status["state"] == "completed", status
     assert not status.get("unenforced"), status
-    assert json.loads(out) == {"path": f"/{fabric.prefix}/{status['task_id']}", "cpu.max": "50000 100000",
-                               "memory.max": str(64 * MiB), "cpuset.cpus": "1", "cpuset.mems": "1"}
+    seen = json.loads(out)
+    assert seen == {**seen, "path": f"/{fabric.prefix}/{status['task_id']}", "cpu.max": "50000 100000",
+                    "memory.max": str(64 * MiB), "cpuset.cpus": "1", "cpuset.mems": "1", "affinity": [1]}, \
+        (seen, vm.run("cat /sys/fs/cgroup/cgroup.subtree_control; journalctl -u hakuriver-runner --no-pager "
+                      "| tail -n 20").stdout)
     # the group is gone with the task
     assert vm.run(f"test -e /sys/fs/cgroup/{fabric.prefix}/{status['task_id']}").returncode == 1
 
