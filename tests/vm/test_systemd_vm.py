@@ -97,8 +97,10 @@ def fabric(vm, tmp_path_factory):
 
 
 def run_task(cluster: Cluster, *args: str, timeout: float = SLOW) -> tuple[dict, str]:
-    """``--wait`` a host task on the VM's node; its final status and its stdout."""
-    result = cluster.cli("--wait", "--target", NODE, *args, timeout=timeout)
+    """``--wait`` one host task on the VM's node (``args`` may name ``--target NODE:N``); its final
+    status and its stdout."""
+    target = () if "--target" in args else ("--target", NODE)  # two --target would be two tasks
+    result = cluster.cli("--wait", *target, *args, timeout=timeout)
     task_id = result.stdout.decode().split()[0]
     return cluster.task(task_id), cluster.cli_ok("--stdout", task_id)
 
