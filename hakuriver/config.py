@@ -52,6 +52,7 @@ class NodeConfig(_Section):
     allow_privileged: bool = False
     allowed_mount_roots: list[str] = []
     gpus: str = "auto"   # "auto" (NVML), "none", or indices declared by hand: "0,1" (README "GPUs")
+    executor: Literal["auto", "process", "systemd"] = "auto"  # host tasks; auto: systemd where it is PID 1
 
     @field_validator("gpus")
     @classmethod
@@ -264,6 +265,8 @@ memory = ""                # memory offered to tasks, e.g. "16G"; "" = all
 allow_privileged = false   # may tasks ask for --privileged containers?
 allowed_mount_roots = []   # host paths under which --mount may point
 gpus = "auto"              # GPUs offered to tasks: "auto" (NVML, needs hakuriver[gpu]), "none", or "0,1"
+executor = "auto"          # host tasks: "auto" = systemd scopes where systemd is PID 1, else
+                           # "process" (own cgroup v1/v2 files); "process" or "systemd" forces one
 
 [paths]
 shared_dir = "{shared_dir}"          # shared storage: environment tarballs, data the tasks share

@@ -34,7 +34,12 @@ def main(config_file: str | None, node_name: str | None, verbose: bool) -> None:
     from runner.executors.process import use_fast_child_watcher
 
     use_fast_child_watcher()  # pidfd instead of a thread per child, where the kernel has it
-    sys.exit(asyncio.run(_serve(config)))
+    try:
+        code = asyncio.run(_serve(config))
+    except ConfigError as exc:  # a setting this machine cannot honour ([node] executor)
+        click.echo(f"hakuriver.runner: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 async def _serve(config) -> int:

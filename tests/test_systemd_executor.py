@@ -4,11 +4,15 @@ systemd is not PID 1 on the development machine, so the scope itself cannot run 
 what can be checked without it is checked: the exact systemd-run argv and the selection.
 """
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from hakuriver.config import Config
+from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.messages import Task
 from runner.executors.base import Executor, RunSpec, TaskRejected
 from runner.executors.process import ProcessExecutor
@@ -143,3 +147,33 @@ def test_available_executors_on_this_machine():
     assert all(name == executor.name for name, executor in executors.items())
     executors["process"].cgroups.remove_parent()
     assert executor_for(_task(), executors).name in ("systemd", "process")
+
+
+def test_the_process_executor_can_be_forced_for_host_tasks():
+    config = Config()
+    config.broker.prefix = "hk-test-forced"
+    config.node.executor = "process"
+    executors = available_executors(config)
+    executors["process"].cgroups.remove_parent()
+    assert "systemd" not in executors  # also where systemd is PID 1 (the VM tests show that)
+    assert executor_for(_task(), executors).name == "process"
+
+
+def test_forcing_systemd_where_it_is_not_init_stops_the_runner_with_exit_2(tmp_path):
+    if SystemdExecutor.available():
+        pytest.skip("systemd is PID 1 here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAKURIVER_")}
+    env.update(HAKURIVER_NODE_EXECUTOR="systemd", HAKURIVER_BROKER_URL="amqp://guest:guest@127.0.0.1:1/",
+               HAKURIVER_CONFIG=str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+    result = subprocess.run([str(Path(sys.executable).parent / "hakuriver.runner")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ('hakuriver.runner: [node] executor is "systemd", but systemd is not '
+                                     "PID 1 here (or systemd-run is missing)")
+
+
+def test_an_unknown_executor_is_a_config_error_naming_the_key(tmp_path):
+    (tmp_path / "c.toml").write_text('[node]\nexecutor = "docker"\n')
+    with pytest.raises(ConfigError, match="'node.executor'"):
+        load_config(str(tmp_path / "c.toml"), environ={})

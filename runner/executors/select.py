@@ -1,7 +1,9 @@
 """Which executors this node has, and which one runs a given task (docs/architecture.md).
 
 A task naming a container runs under ``docker``; a host task (``container`` is None)
-runs under ``systemd`` where systemd is PID 1, else as a ``process``.
+runs under ``systemd`` where systemd is PID 1, else as a ``process``; ``[node] executor``
+forces one of the two (``process`` on a systemd machine writes the cgroup v2 files
+itself, which is how it is tested there).
 
 Docker comes and goes (it may start after the runner, restart, be stopped), so the
 ``docker`` executor is always in the table and is asked each time whether it can take
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from hakuriver.config import Config
+from hakuriver.config import Config, ConfigError
 from hakuriver.messages import Task
 from runner.executors.base import Executor, TaskRejected
 from runner.executors.process import ProcessExecutor
@@ -28,9 +30,15 @@ log = logging.getLogger(__name__)
 def available_executors(config: Config) -> dict[str, Executor]:
     """Executor name → executor, for every executor this machine has (see :func:`usable`)."""
     # the runner's prefix names its cgroup parent, so runners of different fabrics never collide
+    # "process" stays even where systemd runs host tasks: a restarted runner still finds it
+    # to clean up the tasks it started before the executor setting changed
     executors: dict[str, Executor] = {"process": ProcessExecutor(cgroup_parent=config.broker.prefix)}
-    if SystemdExecutor.available():
+    wanted = config.node.executor
+    if wanted != "process" and SystemdExecutor.available():
         executors["systemd"] = SystemdExecutor(unit_prefix=f"{config.broker.prefix}-task")
+    elif wanted == "systemd":
+        raise ConfigError('[node] executor is "systemd", but systemd is not PID 1 here '
+                          "(or systemd-run is missing)")
     try:
         from runner.executors.docker import DockerExecutor
     except ImportError as exc:  # a broken Docker client install must not take host tasks down with it

@@ -193,6 +193,9 @@ class SystemdExecutor(Executor):
 
 async def _remove_unit(unit: str) -> None:
     """Stop the scope (killing anything left in it) and unload it, also when it ended failed."""
+    # SIGKILL first: `systemctl stop` alone sends SIGTERM and waits out the stop
+    # timeout (90 s by default) for a leftover process that ignores it
+    await _systemctl("kill", "--signal=SIGKILL", unit)
     await _systemctl("stop", unit)
     await _systemctl("reset-failed", unit)
 
