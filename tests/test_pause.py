@@ -49,8 +49,12 @@ def _processes_with(marker: str, name: str | None = None) -> list[int]:
     return sorted(found)
 
 
-def _at_least_two(pids: list[int]) -> list[int] | None:
-    return pids if len(pids) >= 2 else None
+def _two_busy(pids: list[int]) -> list[int] | None:
+    """The two loops once both have run (a fork not yet exec'd is not one of them yet)."""
+    try:
+        return pids if len(pids) == 2 and all(_cpu_ticks(pid) > 0 for pid in pids) else None
+    except FileNotFoundError:
+        return None
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -69,7 +73,7 @@ def _busy_script(stop: str) -> str:
 
 def _pause_resume_and_finish(c: Cluster, task_id: str, marker: str, stop_file, how: str) -> None:
     # the shells only: a container's init (docker-init) has the marker in its command line too
-    pids = wait_until(lambda: _at_least_two(_processes_with(marker, "sh")), 60, "the busy loop and its busy child")
+    pids = wait_until(lambda: _two_busy(_processes_with(marker, "sh")), 60, "the busy loop and its busy child")
     result = c.cli("--pause", task_id)
     assert result.returncode == 0, result.stderr.decode()
     task = c.task(task_id)
@@ -83,7 +87,7 @@ def _pause_resume_and_finish(c: Cluster, task_id: str, marker: str, stop_file, h
     result = c.cli("--resume", task_id)
     assert result.returncode == 0, result.stderr.decode()
     assert c.task(task_id)["state"] == "running"
-    wait_until(lambda: all(_cpu_ticks(pid) > after[pid] for pid in pids), 30, "both loops running again")
+    wait_until(lambda: all(_cpu_ticks(pid) > after[pid] for pid in pids), 60, "both loops running again")
     stop_file.touch()
     task = c.wait_state(task_id, {"completed", "failed", "killed", "lost"}, timeout=60)
     assert task["state"] == "completed", task
