@@ -49,6 +49,11 @@ CATCH_UP_EVERY_S = 2.0          # after a reconnect, how often a waiter asks the
 Output = Callable[[str, bytes], None]   # (stream, bytes) of a followed task's output
 
 
+class WrongState(Exception):
+    """A control that does not fit the task's state now (pausing a task that does not run);
+    nothing was sent; exit code 1."""
+
+
 class BadRequest(Exception):
     """Bad input found only with the broker's help (unknown node, NUMA id, a task over a
     bound or bigger than any node); exit code 2."""
@@ -326,6 +331,24 @@ class Client:
         result = await control.publish(body, routing_key=node, mandatory=True)
         if hasattr(result, "delivery") and node != ALL_NODES_KEY:
             await control.publish(body, routing_key=ALL_NODES_KEY, mandatory=False)
+        return task
+
+    async def pause(self, task_id: int, resume: bool = False) -> dict[str, Any]:
+        """Send a pause (or resume) to the node of a running (or paused) task; the task as the
+        ledger had it. Unlike a kill it needs the task's node and state from the host:
+        :class:`BadRequest` for an unknown task, :class:`WrongState` (nothing sent) for a task
+        in any other state. The runner checks again, for a task that ended meanwhile."""
+        found = (await self.query("status", {"task_ids": [task_id]}))["tasks"]
+        if not found:
+            raise BadRequest(f"unknown task {task_id}")
+        task = found[0]
+        needed = TaskState.PAUSED if resume else TaskState.RUNNING
+        if task["state"] != needed:
+            raise WrongState(f"task {task_id} is {task['state']}: only a {needed} task can be "
+                             f"{'resumed' if resume else 'paused'}")
+        body = broker.persistent(Kill(task_id=task_id, user=getpass.getuser(),
+                                      action="resume" if resume else "pause").to_bytes())
+        await (await self.exchanges()).control.publish(body, routing_key=task["node"], mandatory=True)
         return task
 
     async def query(self, method: str, params: dict[str, Any], timeout: float = 5.0) -> Any:

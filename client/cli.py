@@ -1,4 +1,4 @@
-"""``hakuriver.client``: submit, wait, query, kill.
+"""``hakuriver.client``: submit, wait, query, kill, pause, resume.
 
 Only click is imported at start-up; the broker client, pydantic and the rest load
 once the command line is known to be good, so ``--help`` and usage errors are fast.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # building dataclasses costs start-up time; --help needs none
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # query option -> the name click gives its value
 QUERY_OPTIONS = {"status": "status_ids", "stdout": "stdout_id", "stderr": "stderr_id", "kill": "kill_id",
+                 "pause": "pause_id", "resume": "resume_id",
                  "list_tasks": "list_tasks", "list_nodes": "list_nodes", "health": "health"}
 
 
@@ -64,6 +65,8 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--stdout", "stdout_id", metavar="ID", help="Print a task's stdout (on our stdout).")
 @click.option("--stderr", "stderr_id", metavar="ID", help="Print a task's stderr (on our stdout too).")
 @click.option("--kill", "kill_id", metavar="ID", help="Kill a task (running, waiting, or not recorded yet).")
+@click.option("--pause", "pause_id", metavar="ID", help="Pause a running task's whole process tree (keeps its resources).")
+@click.option("--resume", "resume_id", metavar="ID", help="Resume a paused task.")
 @click.option("--list-tasks", is_flag=True, help="List tasks, newest first.")
 @click.option("--list-nodes", is_flag=True, help="List nodes with resources and health.")
 @click.option("--health", is_flag=False, flag_value="*", default=None, metavar="[NODE]",
@@ -127,7 +130,7 @@ def _validate(o: dict) -> Request:
 
 def _validate_query(query: str, o: dict, common: dict) -> Request:
     from client.requests import (HealthRequest, KillRequest, ListNodesRequest, ListTasksRequest, OutputRequest,
-                                 StatusRequest)
+                                 PauseRequest, StatusRequest)
 
     if query == "status":
         return StatusRequest(task_ids=[_task_id(t, "--status") for t in o["status_ids"]], **common)
@@ -136,6 +139,8 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
                              **common)
     if query == "kill":
         return KillRequest(task_id=_task_id(o["kill_id"], "--kill"), wait=o["wait"], timeout=o["timeout"], **common)
+    if query in ("pause", "resume"):
+        return PauseRequest(task_id=_task_id(o[f"{query}_id"], f"--{query}"), resume=query == "resume", **common)
     if query == "health":
         return HealthRequest(node=None if o["health"] == "*" else o["health"], **common)
     if query == "list_nodes":

@@ -42,6 +42,12 @@ class KillRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PauseRequest(Request):
+    task_id: int
+    resume: bool = False                   # False: --pause, True: --resume
+
+
+@dataclass(frozen=True, kw_only=True)
 class StatusRequest(Request):
     task_ids: list[int]
 

@@ -20,16 +20,17 @@ import sys
 from typing import Any, Callable
 
 from client import render
-from client.api import BadRequest, Client, HostUnavailable, TaskSpec
+from client.api import BadRequest, Client, HostUnavailable, TaskSpec, WrongState
 from client.exits import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_UNREACHABLE,
                           EXIT_USAGE)
-from client.requests import (HealthRequest, KillRequest, ListNodesRequest, ListTasksRequest, OutputRequest, Request,
-                             StatusRequest, SubmitRequest)
+from client.requests import (HealthRequest, KillRequest, ListNodesRequest, ListTasksRequest, OutputRequest,
+                             PauseRequest, Request, StatusRequest, SubmitRequest)
 from hakuriver.broker import BrokerUnreachable
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.messages import StateEvent
 from hakuriver.states import TaskState
 
+PAUSE_CONFIRM_S = 15.0  # how long --pause/--resume wait for the runner's event before saying so
 PROGRESS_LINE_ABOVE = 10  # more tasks than this: a live progress line instead of a line per task
 
 
@@ -96,7 +97,7 @@ def run(request: Request) -> int:
 async def _run(config: Config, request: Request) -> int:
     handlers: dict[type, Callable[[Client, Any], Any]] = {
         SubmitRequest: lambda client, r: _submit(client, config, r),
-        KillRequest: _kill, StatusRequest: _status, OutputRequest: _output, ListTasksRequest: _list_tasks,
+        KillRequest: _kill, PauseRequest: _pause, StatusRequest: _status, OutputRequest: _output, ListTasksRequest: _list_tasks,
         ListNodesRequest: _list_nodes, HealthRequest: _health,
     }
     async with Client(config) as client:
@@ -155,15 +156,16 @@ class _Progress:
 
     def __init__(self, total: int):
         self.total = total
-        self.counts = {"done": 0, "failed": 0, "running": 0}
+        self.counts = {"done": 0, "failed": 0}
+        self._running: set[int] = set()  # a resumed task sends ``running`` again: counted once
         self.live = total > PROGRESS_LINE_ABOVE
         self.tty = sys.stderr.isatty()
 
     def update(self, event: StateEvent) -> None:
         if event.state == TaskState.RUNNING:
-            self.counts["running"] += 1
+            self._running.add(event.task_id)
         elif event.state.terminal:
-            self.counts["running"] = max(0, self.counts["running"] - 1)
+            self._running.discard(event.task_id)
             self.counts["done" if event.state == TaskState.COMPLETED else "failed"] += 1
             if not self.live:
                 _say(render.outcome_line(event))
@@ -173,7 +175,7 @@ class _Progress:
             _write_stderr(f"\r{self._line()}".encode())
 
     def _line(self) -> str:
-        c = self.counts
+        c = {**self.counts, "running": len(self._running)}
         return f"{c['done'] + c['failed']}/{self.total} done: {c['done']} completed, {c['failed']} failed, " \
                f"{c['running']} running"
 
@@ -200,6 +202,36 @@ async def _kill(client: Client, request: KillRequest) -> int:
             _say(f"hakuriver.client: gave up waiting after {request.timeout:g} s; task {task_id} has not ended")
             return EXIT_UNREACHABLE
         _say(render.outcome_line(results[task_id]))
+    return EXIT_OK
+
+
+async def _pause(client: Client, request: PauseRequest) -> int:
+    """--pause/--resume: refused (exit 1, nothing sent) unless the task runs (is paused); then
+    waits for the runner's event, which says how it was done (cgroup freezer, SIGSTOP, docker)."""
+    task_id, wanted = request.task_id, TaskState.RUNNING if request.resume else TaskState.PAUSED
+    confirmed: asyncio.Future[StateEvent] = asyncio.get_running_loop().create_future()
+
+    def seen(event: StateEvent) -> None:
+        if (event.state == wanted or event.state.terminal) and not confirmed.done():
+            confirmed.set_result(event)
+
+    waiter = await client.waiter([task_id])
+    waiter.on_state = seen
+    try:
+        await client.pause(task_id, resume=request.resume)
+    except WrongState as exc:
+        _say(f"hakuriver.client: {exc}")
+        return EXIT_FAILED
+    try:
+        event = await asyncio.wait_for(confirmed, PAUSE_CONFIRM_S)
+    except asyncio.TimeoutError:
+        _say(f"hakuriver.client: {'resume' if request.resume else 'pause'} sent for task {task_id}; "
+             f"its runner did not confirm within {PAUSE_CONFIRM_S:g} s (see --status {task_id})")
+        return EXIT_FAILED
+    if event.state != wanted:
+        _say(f"hakuriver.client: task {task_id} ended meanwhile: {render.outcome_line(event)}")
+        return EXIT_FAILED
+    _say(f"task {task_id} {event.message or event.state}")
     return EXIT_OK
 
 

@@ -181,9 +181,17 @@ class OutputChunk(BaseModel):
         return cls.model_validate({k: headers.get(k) for k in ("v", "task_id", "stream", "offset")})
 
 
+ControlAction = Literal["kill", "pause", "resume"]
+
+
 class Kill(Message):
+    """A control message for one task, to its node's control queue. ``action`` is ``kill``
+    unless said otherwise, so a kill reads as it always did; ``pause`` and ``resume``
+    travel the same way and pass the same checks on the runner."""
+
     task_id: int
     user: str = ""
+    action: ControlAction = "kill"
 
 
 class NumaNode(BaseModel):

@@ -7,6 +7,7 @@ class TaskState(StrEnum):
     PENDING = "pending"        # published, not yet taken by a runner
     QUEUED = "queued"          # a runner accepted it; waiting for cores/memory
     RUNNING = "running"
+    PAUSED = "paused"          # running, stopped by request (--pause); keeps its cores and memory
     COMPLETED = "completed"    # exit 0
     FAILED = "failed"          # exit != 0, or could not start
     KILLED = "killed"          # by request

@@ -10,7 +10,8 @@
                               output files ──► chunks (bounded, by offset)
                                                      │
                                              executor.wait ──► flush output ──► final event
-    control queue ──► kill (running: stop the process tree; waiting: never start it)
+    control queue ──► kill (running or paused: stop the process tree; waiting: never start it)
+                  ──► pause / resume (running tasks only: the executor freezes the whole tree)
     every heartbeat_interval ──► heartbeat (resources, NUMA, running ids)
     others' heartbeats ──► peers (who could run a pool task this node cannot)
 
@@ -38,7 +39,7 @@ from hakuriver.messages import Heartbeat, Kill, NodeInfo, Task, one_line
 from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
 from runner.admission import Admission, Capacity
-from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFailed, TaskRejected
+from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec, StartFailed, TaskRejected
 from runner.executors.select import available_executors, executor_for, usable
 from runner.gpus import Inventory
 from runner.numa import detect_topology
@@ -71,6 +72,7 @@ class Running:
     starting: asyncio.Future | None = None  # executor.start while it runs: a kill cancels it
     kill_requested: bool = False
     ending: bool = False  # its outcome is known; the final event is on its way
+    paused: bool = False  # stopped by a pause; keeps its resources
 
 
 class Runner:
@@ -293,22 +295,48 @@ class Runner:
             # tries again (a failure here must never end that loop, or nothing starts).
             log.debug("pool consumer not updated: %s", exc)
 
-    # ---- kills ------------------------------------------------------------------------
+    # ---- control: kill, pause, resume ---------------------------------------------------
 
     async def _on_control_message(self, message: AbstractIncomingMessage) -> None:
+        """Every control message (kill, pause, resume) passes here: one place for its checks."""
         try:
-            kill = Kill.from_bytes(message.body)
+            control = Kill.from_bytes(message.body)
         except ValueError as exc:
             await broker.dead_letter(self._consume_exchanges, message, f"invalid control message: {exc}",
                                      f"runner {self.node}")
             return
-        await self._kill(kill.task_id, for_this_node=message.routing_key == self.node)
+        if control.action == "kill":
+            await self._kill(control.task_id, for_this_node=message.routing_key == self.node)
+        else:
+            await self._pause_or_resume(control.task_id, pause=control.action == "pause")
         await message.ack()
+
+    async def _pause_or_resume(self, task_id: int, pause: bool) -> None:
+        """Pause a running task, or resume a paused one; anything else is refused (logged,
+        nothing changes: the client checked the state already, this covers a race)."""
+        what = "pause" if pause else "resume"
+        running = self.running.get(task_id)
+        if running is None or running.handle is None or running.ending or running.kill_requested:
+            log.info("task %s: %s refused: not running on %s", task_id, what, self.node)
+            return
+        if running.paused == pause:
+            log.info("task %s: %s refused: already %s", task_id, what, "paused" if pause else "running")
+            return
+        try:
+            how = await (running.executor.pause if pause else running.executor.resume)(running.handle)
+        except PauseRefused as exc:
+            log.warning("task %s: %s refused: %s", task_id, what, exc)
+            return
+        if running.ending or running.kill_requested:
+            return  # it ended, or a kill came, while the executor worked: that event wins
+        running.paused = pause
+        self.store.transition(task_id, TaskState.PAUSED if pause else TaskState.RUNNING,
+                              message=f"{'paused' if pause else 'resumed'}: {how}")
 
     async def _kill(self, task_id: int, for_this_node: bool) -> None:
         running = self.running.get(task_id)
         if running is not None:
-            running.kill_requested = True
+            running.kill_requested = True  # a paused task is thawed by the executor's stop
             self.store.request_kill(task_id)
             if running.handle is not None:
                 self._spawn(running.executor.stop(running.handle, self.config.timing.kill_grace))
@@ -533,7 +561,15 @@ class Runner:
                                          "the runner restarted and could not follow the task"))
                 continue
             running.handle = handle
-            log.info("task %s: adopted after restart", task.task_id)
+            # A container paused before the restart is adopted paused: the state follows what is
+            # true now, and is told again (the host may have taken the task for lost meanwhile).
+            was_paused = stored.state == TaskState.PAUSED
+            running.paused = bool(handle.data.get("paused", was_paused))
+            if running.paused or was_paused:
+                self.store.transition(task.task_id, TaskState.PAUSED if running.paused else TaskState.RUNNING,
+                                      message="paused (adopted after a runner restart)" if running.paused
+                                      else "resumed outside HakuRiver while the runner was away")
+            log.info("task %s: adopted after restart%s", task.task_id, " (paused)" if running.paused else "")
             self._spawn(self._watch(running))
         self._schedule_wakeup.set()
         self.store.prune(FINISHED_KEEP_S)

@@ -130,7 +130,7 @@ class RunnerStore:
     def unfinished(self) -> list[StoredTask]:
         """Every task not yet in a terminal state, in arrival order."""
         rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM tasks WHERE state IN ('queued', 'running') ORDER BY arrival").fetchall()
+            f"SELECT {_COLUMNS} FROM tasks WHERE state IN ('queued', 'running', 'paused') ORDER BY arrival").fetchall()
         return [_stored(row) for row in rows]
 
     def prune(self, older_than: float) -> None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -203,7 +204,7 @@ async def test_a_v1_cpuset_group_takes_what_the_task_leaves_open_from_the_parent
     cpu = sorted(os.sched_getaffinity(0))[0]
     group, unenforced = cgroups.create("cpus-only", memory=None, cores=0, cpus=[cpu], mems=None)
     try:
-        assert unenforced == [] and list(group.paths) == ["cpuset"]
+        assert unenforced == [] and list(group.paths) == ["cpuset", *(["freezer"] if cgroups.freezes() else [])]
         parent_mems = (cgroups.parent_dir("cpuset") / "cpuset.mems").read_text().strip()
         assert (group.paths["cpuset"] / "cpuset.mems").read_text().strip() == parent_mems
         assert (group.paths["cpuset"] / "cpuset.cpus").read_text().strip() == str(cpu)
@@ -235,7 +236,7 @@ async def test_v1_tracks_a_task_without_limits_in_the_cheapest_process_only_hier
     try:
         assert unenforced == [] and list(group.paths) == [cgroups.tracker()]
         usable = [name for name in TRACKERS if (cgroups.root / name).is_dir()]
-        if usable:  # pids where mounted, else freezer, else cpuacct
+        if usable:  # the freezer where mounted (it also pauses), else pids, else cpuacct
             assert cgroups.tracker() == usable[0]
     finally:
         assert await group.remove()
@@ -247,3 +248,24 @@ def test_v1_without_a_process_only_hierarchy_tracks_in_a_limit_one(tmp_path):
     assert hierarchy.tracker() == "memory" and hierarchy.tracks()
     group, unenforced = hierarchy.create("9", memory=None, cores=0, cpus=None, mems=None)
     assert unenforced == [] and group.paths == {"memory": tmp_path / "memory" / "hk" / "9"}
+
+
+async def test_a_v1_task_with_limits_gets_a_freezer_group_and_freezing_stops_all_of_it(cgroups):
+    """Every task can be paused where the freezer is mounted, also one with limits (which
+    otherwise needs no process-only group); a frozen group's processes stop, and a kill
+    of a frozen group still ends them (the kill thaws it)."""
+    if not isinstance(cgroups, V1Cgroups) or not cgroups.freezes():
+        pytest.skip("v1 with a writable freezer hierarchy only")
+    _need(cgroups, "memory")
+    group, unenforced = cgroups.create("freeze", memory=64 * MiB, cores=0, cpus=None, mems=None)
+    try:
+        assert unenforced == [] and sorted(group.paths) == ["freezer", "memory"] and group.can_freeze()
+        child = _join_and_run(group, "sh", "-c", "sleep 60 & sleep 60; wait")
+        await _until(lambda: len(group.pids()) == 3)
+        await group.freeze()
+        assert (group.paths["freezer"] / "freezer.state").read_text().strip() == "FROZEN"
+        group.kill()
+        await _until(lambda: not group.pids())
+        assert await asyncio.to_thread(child.wait, 30) == -signal.SIGKILL
+    finally:
+        assert await group.remove()

@@ -17,7 +17,7 @@ from runner.cgroups import attach
 from runner.executors import host
 from runner.executors.base import Handle, RunSpec, StartFailed
 from runner.executors.host import HostProcesses, base_environment
-from runner.executors.process import ProcessExecutor
+from runner.executors.process import FROZEN_BY_CGROUP, STOPPED_BY_SIGNAL, ProcessExecutor
 from runner.numa import detect_topology, format_cpulist
 
 MiB = 1 << 20
@@ -409,6 +409,7 @@ async def test_a_kill_of_a_task_without_limits_reaches_processes_that_left_its_g
     ({"cpus": "first", "mems": [0]}, ["cpuset"]),
 ])
 async def test_a_task_gets_groups_only_for_the_limits_it_has(executor, tmp_path, limits, controllers):
+    """... and one in the freezer hierarchy where it is mounted, which pauses it (--pause)."""
     if executor.cgroups.version != 1:
         pytest.skip("one group per controller exists only on cgroup v1")
     _need(executor, *controllers)
@@ -418,7 +419,8 @@ async def test_a_task_gets_groups_only_for_the_limits_it_has(executor, tmp_path,
         limits.pop("cpus")
     handle, outcome = await _run(executor, _task("true", **limits), _spec(tmp_path, **spec_fields))
     assert outcome.exit_code == 0 and handle.unenforced == []
-    assert sorted(handle.data["cgroup"]["paths"]) == controllers
+    freezer = ["freezer"] if executor.cgroups.freezes() else []
+    assert sorted(handle.data["cgroup"]["paths"]) == sorted(controllers + freezer)
 
 
 async def test_on_v1_a_task_without_limits_is_tracked_in_one_group_of_a_tracking_hierarchy(executor, tmp_path):
@@ -483,3 +485,50 @@ def test_the_fast_child_watcher_reaps_children():
         assert installed is True and watcher == "PidfdChildWatcher"
     else:
         assert installed is False and watcher != "PidfdChildWatcher"
+
+
+async def test_without_a_freezer_a_pause_stops_the_process_group_and_says_so(fallback, tmp_path):
+    """No cgroup: SIGSTOP/SIGCONT to the task's process group, named in what pause returns;
+    a stop of the stopped task still ends it at once (SIGCONT follows the signal)."""
+    marker = _marker()
+    handle = await fallback.start(_task("sh", "-c", f"sleep {marker} & sleep {marker}; wait"), _spec(tmp_path))
+    try:
+        await _until(lambda: len(_processes_with(marker)) == 2)
+        assert await fallback.pause(handle) == STOPPED_BY_SIGNAL
+        await _until(lambda: all(psutil.Process(pid).status() == psutil.STATUS_STOPPED
+                                 for pid in _processes_with(marker)))
+        assert "SIGCONT" in await fallback.resume(handle)
+        await _until(lambda: all(psutil.Process(pid).status() != psutil.STATUS_STOPPED
+                                 for pid in _processes_with(marker)))
+        await fallback.pause(handle)
+        await fallback.stop(handle, grace=5)
+        assert (await asyncio.wait_for(fallback.wait(handle), 10)).exit_code == 143
+    finally:
+        await fallback.destroy(handle)
+    assert _processes_with(marker) == []
+
+
+async def test_a_frozen_task_is_stopped_at_once_by_a_stop(executor, tmp_path):
+    _need_tracking(executor)
+    if not await _can_freeze(executor):
+        pytest.skip("no cgroup freezer here")
+    marker = _marker()
+    handle = await executor.start(_task("sh", "-c", f"setsid sleep {marker} & sleep {marker}; wait"), _spec(tmp_path))
+    try:
+        await _until(lambda: len(_processes_with(marker)) == 2)
+        assert await executor.pause(handle) == FROZEN_BY_CGROUP
+        await executor.stop(handle, grace=30)   # a frozen group would hold SIGTERM back for the whole grace
+        assert (await asyncio.wait_for(executor.wait(handle), 10)).exit_code == 143
+        await _until(lambda: not _processes_with(marker))
+    finally:
+        await executor.destroy(handle)
+
+
+async def _can_freeze(executor) -> bool:
+    group, _ = executor.cgroups.create("probe-freeze", memory=None, cores=0, cpus=None, mems=None)
+    if group is None:
+        return False
+    try:
+        return group.can_freeze()
+    finally:
+        await group.remove()

@@ -336,6 +336,26 @@ async def test_admins_act_on_every_task_and_the_no_login_switch(start_web):
     assert status == 202 and body["sent_to"] == "all"     # no runner of node1 listens here: every node is told
 
 
+async def test_pause_and_resume_apply_to_running_and_paused_tasks_and_send_the_control_message(start_web):
+    web = await start_web(security={"admins": ["guest"]})
+    connection, queue = await _control_queue(web)
+    async with connection:
+        running = await web.add(task(601, user="alice"))
+        paused = await web.add(task(602, user="alice"), TaskState.PAUSED)
+        assert (await web.post("/api/login", json={"user": "guest", "password": "guest"}))[0] == 200
+        assert (await web.get_json(f"/api/tasks/{running}"))["actions"] == ["kill", "pause"]
+        assert (await web.get_json(f"/api/tasks/{paused}"))["actions"] == ["kill", "resume"]
+        status, body = await web.post(f"/api/tasks/{running}/resume")
+        assert status == 409 and "running" in body["error"]
+        assert await queue.get(fail=False) is None
+        status, body = await web.post(f"/api/tasks/{running}/pause")
+        assert status == 202 and body["sent_to"] == "node1"
+        key, control = await _next_kill(queue)
+        assert (key, control.task_id, control.action, control.user) == ("node1", running, "pause", "guest")
+        assert (await web.post(f"/api/tasks/{paused}/resume"))[0] == 202
+        assert (await _next_kill(queue))[1].action == "resume"
+
+
 def test_the_action_rule():
     running = {"task_id": 1, "user": "ana", "state": "running"}
     assert may_control("ana", running, [])

@@ -150,7 +150,8 @@ def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
         # a runner sends ``queued`` again to say why the task still waits: it queued at the first
         row["queued_at"] = ev.time if row["queued_at"] is None else min(row["queued_at"], ev.time)
     elif ev.state is TaskState.RUNNING:
-        row["started_at"] = ev.time
+        if current is not TaskState.PAUSED:  # a resume goes on running: it started when it first ran
+            row["started_at"] = ev.time
         if ev.gpus is not None:
             row["gpus"] = list(ev.gpus)
         row["finished_at"] = None  # back from a host-marked "lost"
@@ -403,7 +404,7 @@ class Ledger:
 
     async def mark_offline(self, offline_after: float, now: float | None = None) -> list[StateEvent]:
         """Nodes silent for ``offline_after`` seconds go offline; the tasks they were
-        running become ``lost`` (by the host, seq unchanged). Returns the events to publish."""
+        running (or paused) become ``lost`` (by the host, seq unchanged). Returns the events to publish."""
         now = time.time() if now is None else now
         async with self._write_lock, self.engine.begin() as conn:
             await conn.execute(
@@ -418,7 +419,8 @@ class Ledger:
                 return []
             lost = (await conn.execute(
                 select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq)
-                .where(tasks_table.c.state == TaskState.RUNNING.value, tasks_table.c.node.in_(offline)))).all()
+                .where(tasks_table.c.state.in_([TaskState.RUNNING.value, TaskState.PAUSED.value]),
+                       tasks_table.c.node.in_(offline)))).all()
             events = [StateEvent(task_id=row.task_id, node=row.node, state=TaskState.LOST, seq=row.seq, time=now,
                                  message=f"node {row.node} went offline") for row in lost]
             if events:

@@ -3,7 +3,8 @@
 An executor starts a task with its output going to two files the runner gives it,
 waits for it, stops it (SIGTERM, then SIGKILL after a grace period, to everything
 the task started), destroys what is left (cgroup, container), inspects it, and
-recovers a task it started before the runner restarted. A :class:`Handle` is plain
+recovers a task it started before the runner restarted. It pauses and resumes a
+running task's whole tree (:meth:`Executor.pause`), saying how it did. A :class:`Handle` is plain
 JSON-able data, stored by the runner, so :meth:`Executor.recover` can rebuild it.
 The runner calls :meth:`Executor.close` once when it stops (tasks keep running).
 
@@ -73,6 +74,10 @@ class StartFailed(Exception):
     """The task could not be started (command not found, bad image); it ends ``failed``."""
 
 
+class PauseRefused(Exception):
+    """A pause or resume that could not be done; the task runs on as it was, the message says why."""
+
+
 class Executor(abc.ABC):
     name: str = ""
 
@@ -96,6 +101,16 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     async def stop(self, handle: Handle, grace: float) -> None:
         """SIGTERM everything the task started; SIGKILL what is left after ``grace`` seconds."""
+
+    async def pause(self, handle: Handle) -> str:
+        """Stop the whole task where it is, keeping its resources; returns how, in a few words
+        (the task's status shows it). :class:`PauseRefused` where this executor cannot.
+        :meth:`stop` and :meth:`destroy` also end a paused task."""
+        raise PauseRefused(f"the {self.name} executor cannot pause tasks")
+
+    async def resume(self, handle: Handle) -> str:
+        """Let a task stopped by :meth:`pause` run on; returns how."""
+        raise PauseRefused(f"the {self.name} executor cannot resume tasks")
 
     @abc.abstractmethod
     async def destroy(self, handle: Handle) -> None:

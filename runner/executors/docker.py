@@ -39,6 +39,11 @@ is looked up in the created container before it starts and a miss is a StartFail
 Found commands are remembered per image id, so a steady stream of tasks costs no
 lookups (see :meth:`DockerExecutor._command_exists`).
 
+Pause and resume are Docker's own (``docker pause``: the container's cgroup freezer, its
+whole tree at once); ``paused`` in the handle's data says whether it is paused. A stop
+unpauses first, so a paused task ends at once; a restarted runner adopts a paused
+container as paused (:meth:`DockerExecutor.recover` reads it from the container).
+
 ``--rm`` semantics: the container is not auto-removed (its exit code, OOM flag and log
 must outlive it until :meth:`wait` has read them); :meth:`destroy` removes it, and the
 runner calls it once the task has ended.
@@ -59,7 +64,7 @@ from hakuriver.config import Config
 from hakuriver.containers import LOCAL_TEMP_MOUNT, SHARED_MOUNT
 from hakuriver.messages import Task, one_line
 from runner.docker_api import connection_lost, ping, raw, resolve_url
-from runner.executors.base import Executor, Handle, Outcome, RunSpec, StartFailed, TaskRejected
+from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec, StartFailed, TaskRejected
 from runner.images import ImageLoadFailed, ImageSync, UnknownEnvironment, check_environment_name
 
 if TYPE_CHECKING:
@@ -245,10 +250,35 @@ class DockerExecutor(Executor):
         message = "memory limit reached" if oom else state.get("Error", "")
         return Outcome(exit_code=state.get("ExitCode"), oom=oom, message=message)
 
+    async def pause(self, handle: Handle) -> str:
+        await self._pause_call(handle, "pause")
+        handle.data["paused"] = True
+        return "docker pause"
+
+    async def resume(self, handle: Handle) -> str:
+        await self._pause_call(handle, "unpause")
+        handle.data["paused"] = False
+        return "docker unpause"
+
+    async def _pause_call(self, handle: Handle, call: str) -> None:
+        import aiodocker
+
+        container = self.docker.containers.container(_container_ref(handle))
+        try:
+            await getattr(container, call)()
+        except aiodocker.DockerError as exc:
+            raise PauseRefused(f"docker {call} failed: {exc.message}") from None
+
     async def stop(self, handle: Handle, grace: float) -> None:
         import aiodocker
 
         container = self.docker.containers.container(_container_ref(handle))
+        if handle.data.get("paused"):  # a paused container would hold the signals back until unpaused
+            try:
+                await self._retrying(container.unpause)
+                handle.data["paused"] = False
+            except aiodocker.DockerError as exc:
+                log.warning("task %s: unpause before stop failed: %s", handle.task_id, exc.message)
         try:
             # Docker sends SIGTERM (to tini, which passes it to the task), waits t seconds, then SIGKILLs.
             await self._retrying(lambda: container.stop(t=max(0, math.ceil(grace))))
@@ -304,6 +334,7 @@ class DockerExecutor(Executor):
         if info is None:
             return None
         recovered.data["container_id"] = info["Id"]
+        recovered.data["paused"] = bool(info.get("State", {}).get("Paused"))
         self._follow(recovered)
         return recovered
 

@@ -29,6 +29,13 @@ fallback, where it does nothing but the one ``sched_setaffinity`` system call. W
 tracking costs per task, cgroup and trampoline together, is a row of ``bench/run``
 (section ``executor``).
 
+Pause (:meth:`pause`): the task's cgroup is frozen (v1 ``freezer.state``, v2
+``cgroup.freeze``), which stops every process of the task at once, also one that left
+its process group. Where the task has no group that can freeze, its process group gets
+SIGSTOP (and SIGCONT on resume): that misses a process that called ``setsid``, and the
+task can see it; the returned text, shown in the task's status, says which was used. A
+kill thaws (or SIGCONTs) the task right after signalling it, so it ends at once.
+
 Spawning, the task's environment and working directory are shared with the ``systemd``
 executor (:mod:`runner.executors.host`).
 
@@ -48,7 +55,7 @@ from typing import Any
 
 from hakuriver.messages import Task
 from runner.cgroups import DEFAULT_PARENT, DEFAULT_ROOT, TaskCgroup, attach, open_cgroups
-from runner.executors.base import Executor, Handle, Outcome, RunSpec
+from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec
 from runner.executors.host import SHELL, HostProcesses, Launch, affinity_setter, stop_with_grace
 from runner.numa import SYS_NODE_ROOT, detect_topology
 
@@ -58,6 +65,10 @@ from runner.numa import SYS_NODE_ROOT, detect_topology
 JOIN_SCRIPT = ('n=$1; shift; while [ "$n" -gt 0 ]; do '
                'echo 0 >"$1" || { echo "hakuriver: cannot join cgroup $1" >&2; exit 125; }; '
                'shift; n=$((n - 1)); done; exec "$@"')
+
+FROZEN_BY_CGROUP = "cgroup freezer"
+STOPPED_BY_SIGNAL = "SIGSTOP to its process group (no cgroup freezer)"
+
 
 class ProcessExecutor(Executor):
     name = "process"
@@ -102,6 +113,28 @@ class ProcessExecutor(Executor):
     async def stop(self, handle: Handle, grace: float) -> None:
         await stop_with_grace(lambda: self._alive(handle), lambda sig: self._signal(handle, sig),
                               grace, self.poll_interval)
+
+    async def pause(self, handle: Handle) -> str:
+        cgroup = _cgroup(handle.data)
+        if cgroup is not None and cgroup.can_freeze():
+            try:
+                await cgroup.freeze()
+            except OSError as exc:
+                cgroup.thaw()
+                raise PauseRefused(f"the cgroup freezer failed: {exc}") from None
+            return FROZEN_BY_CGROUP
+        if not self.processes.group_alive(handle.task_id):
+            raise PauseRefused("the task's process group is gone")
+        self.processes.signal_group(handle.task_id, signal.SIGSTOP)
+        return STOPPED_BY_SIGNAL
+
+    async def resume(self, handle: Handle) -> str:
+        cgroup = _cgroup(handle.data)
+        if cgroup is not None and cgroup.can_freeze():
+            cgroup.thaw()
+            return "thawed its cgroup"
+        self.processes.signal_group(handle.task_id, signal.SIGCONT)
+        return "SIGCONT to its process group"
 
     async def destroy(self, handle: Handle) -> None:
         # the first process may be gone while what it started still runs: its group, its cgroup
@@ -153,13 +186,16 @@ class ProcessExecutor(Executor):
         return self.processes.group_alive(handle.task_id)
 
     async def _signal(self, handle: Handle, sig: int) -> None:
+        """``sig`` to the whole task, then let it run, so a paused task ends at once."""
         self.processes.signal_group(handle.task_id, sig)
+        self.processes.signal_group(handle.task_id, signal.SIGCONT)
         cgroup = _cgroup(handle.data)
         if cgroup is not None:
             if sig == signal.SIGKILL:
                 cgroup.kill()
             else:
                 cgroup.signal_all(sig)
+                cgroup.thaw()
 
 
 def _cgroup(data: dict[str, Any]) -> TaskCgroup | None:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from hakuriver.messages import Task
-from runner.executors.base import Executor, Handle, Outcome, RunSpec
+from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec
 from runner.executors.host import HostProcesses, Launch, affinity_setter, stop_with_grace
 from runner.numa import SYS_NODE_ROOT, detect_topology, format_cpulist
 
@@ -153,6 +153,25 @@ class SystemdExecutor(Executor):
         await _remove_unit(handle.data["unit"])  # stopping the scope kills what is left in it
         await self.processes.forget(handle)
 
+    async def pause(self, handle: Handle) -> str:
+        """``systemctl freeze`` (systemd 246+, the scope's cgroup freezer); where systemd cannot
+        freeze (older systemd, or a v1 hierarchy), SIGSTOP to every process of the scope."""
+        unit = handle.data["unit"]
+        if await _systemctl("freeze", unit) == 0:
+            handle.data["paused_by"] = "freeze"
+            return "systemctl freeze (the scope's cgroup freezer)"
+        if await _systemctl("kill", "--signal=SIGSTOP", unit) != 0:
+            raise PauseRefused(f"systemd could neither freeze nor signal {unit}")
+        handle.data["paused_by"] = "signal"
+        return "SIGSTOP to every process of its scope (systemd cannot freeze it)"
+
+    async def resume(self, handle: Handle) -> str:
+        if handle.data.pop("paused_by", "freeze") == "freeze":
+            await _systemctl("thaw", handle.data["unit"])
+            return "systemctl thaw"
+        await _systemctl("kill", "--signal=SIGCONT", handle.data["unit"])
+        return "SIGCONT to every process of its scope"
+
     async def inspect(self, handle: Handle) -> dict[str, Any]:
         info = dict(handle.data)
         info["running"] = self.processes.running(handle.task_id)
@@ -187,8 +206,11 @@ class SystemdExecutor(Executor):
         return await _systemctl("is-active", "--quiet", handle.data["unit"]) == 0
 
     async def _signal(self, handle: Handle, sig: int) -> None:
+        """``sig`` to the whole scope, then let it run on, so a paused task ends at once."""
         self.processes.signal_group(handle.task_id, sig)
         await _systemctl("kill", f"--signal={signal.Signals(sig).name}", handle.data["unit"])
+        if "paused_by" in handle.data:
+            await self.resume(handle)
 
 
 async def _remove_unit(unit: str) -> None:

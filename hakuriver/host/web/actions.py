@@ -1,4 +1,4 @@
-"""What a dashboard user may do to a task: today kill; pause and resume join here once they exist.
+"""What a dashboard user may do to a task: kill, pause (a running task), resume (a paused one).
 
 Why a registry: the task page, the confirmation page, the form POST and the JSON API all
 serve every action the same way (look the task up, check :func:`~hakuriver.host.web.auth.action_refusal`,
@@ -37,8 +37,22 @@ async def send_kill(control: AbstractExchange, task: dict[str, Any], user: str) 
     return {"sent_to": node}
 
 
+def _sender(action: str) -> Callable[[AbstractExchange, dict[str, Any], str], Awaitable[dict[str, Any]]]:
+    """Pause or resume: the same control message as ``--pause``/``--resume``, to the task's node
+    (it applies only to a task that runs, so its node is known)."""
+    async def send(control: AbstractExchange, task: dict[str, Any], user: str) -> dict[str, Any]:
+        body = broker.persistent(Kill(task_id=task["task_id"], user=user, action=action).to_bytes())
+        await control.publish(body, routing_key=task["node"], mandatory=False)
+        return {"sent_to": task["node"]}
+    return send
+
+
 ACTIONS: dict[str, Action] = {
     "kill": Action("kill", lambda task: not TaskState(task["state"]).terminal, send_kill),
+    "pause": Action("pause", lambda task: task["state"] == TaskState.RUNNING and bool(task.get("node")),
+                    _sender("pause")),
+    "resume": Action("resume", lambda task: task["state"] == TaskState.PAUSED and bool(task.get("node")),
+                     _sender("resume")),
 }
 
 
