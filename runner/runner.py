@@ -87,9 +87,10 @@ class Runner:
         self.numa = detect_topology()
         cores = config.node.cores or os.cpu_count() or 1
         memory = config.node.memory_bytes or psutil.virtual_memory().total
+        # executors first: a setting this machine cannot honour stops the runner before anything else is said
+        self.executors = executors if executors is not None else available_executors(config)
         self.gpus = Inventory(config.node.gpus)
         self.admission = Admission(Capacity(cores, memory, self.numa, tuple(self.gpus.indices)))
-        self.executors = executors if executors is not None else available_executors(config)
         self.waiting: list[Task] = []
         self._told: dict[int, tuple[float, str]] = {}  # waiting task → (since, reason last told)
         self._next_reasons = 0.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.cli import UsageError, _validate
+from client.cli import UsageError, _validate, main
 from hakuriver.config import parse_gpu_setting
 from hakuriver.messages import Gpu, Task
 from runner.admission import Admission, Capacity, never_fits
@@ -104,11 +104,8 @@ def test_a_bad_gpus_setting_is_refused_by_name(text):
 
 
 def _options(**given):
-    options = {key: None for key in ("cores", "memory", "container", "gpus", "timeout", "state", "node", "batch",
-                                     "limit", "before", "health", "stdout_id", "stderr_id", "kill_id",
-                                     "config_file")}
-    options.update(targets=(), envs=(), mounts=(), status_ids=(), privileged=False, wait=False, follow=False,
-                   sweep=False, list_tasks=False, list_nodes=False, as_json=False, command=("true",))
+    """The options click would hand ``_validate`` for a command line giving only ``given``."""
+    options = dict(main.make_context("hakuriver.client", ["--", "true"]).params)
     options.update(given)
     return options
 
