@@ -41,6 +41,8 @@ class NodeConfig(_Section):
     cores: int = 0
     memory: str = ""
     allow_privileged: bool = False
+    allow_root: bool = False             # admins' tasks whose account is root may run as root here
+    allow_root_containers: bool = False  # containers run as root, not as their owner's uid:gid
     allowed_mount_roots: list[str] = []
 
     @field_validator("memory")
@@ -120,6 +122,7 @@ class WebConfig(_Section):
 
 class SecurityConfig(_Section):
     admins: list[str] = []           # users who may act on every task (the others: on their own)
+    service_accounts: list[str] = []  # broker users whose events are believed (besides this process's own)
 
 
 class Config(_Section):
@@ -132,6 +135,7 @@ class Config(_Section):
     client: ClientConfig = ClientConfig()
     web: WebConfig = WebConfig()
     security: SecurityConfig = SecurityConfig()
+    users: dict[str, str] = {}       # broker user -> Unix account on this node, where the names differ
 
     @property
     def database_url(self) -> str:
@@ -230,7 +234,9 @@ prefix = "hakuriver"                          # every exchange and queue name st
 name = ""                  # this runner's node name; "" = the machine's hostname
 cores = 0                  # cores offered to tasks; 0 = all the machine has
 memory = ""                # memory offered to tasks, e.g. "16G"; "" = all
-allow_privileged = false   # may tasks ask for --privileged containers?
+allow_privileged = false   # may tasks ask for --privileged containers? (admins' tasks only)
+allow_root = false         # may admins' tasks run as root (an account mapped to root by [users])?
+allow_root_containers = false  # containers as root instead of their owner's uid:gid
 allowed_mount_roots = []   # host paths under which --mount may point
 
 [paths]
@@ -261,7 +267,11 @@ allow_actions_without_login = false   # let anyone kill from the dashboard (only
 secret = ""                # signs session cookies; "" = a new secret at every host start
 
 [security]
-admins = []                # users who may act on every task; the others act on their own tasks
+admins = []                # broker users who may kill and read every task; the others only their own
+service_accounts = []      # broker users of runners and host whose events are believed (own user always is)
+
+[users]                    # runners: broker user = Unix account a task runs as; map the exceptions here
+# alice_lab = "alice"
 '''
 
 

@@ -34,6 +34,8 @@ class RunSpec:
     shared_dir: str = ""
     local_temp_dir: str = ""
     cwd: str | None = None              # host tasks: None = their own directory under local temp
+    account: Any = None                 # runner.accounts.Account the task runs as; None: the runner's own
+    container_user: str | None = None   # container tasks: Docker's "User" (uid:gid), None: the image's
 
 
 @dataclass
