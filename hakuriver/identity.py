@@ -75,6 +75,11 @@ def hide_env(task: dict, user: str | None, admins: Iterable[str]) -> dict:
 
 # -- broker permissions (configure, write, read regexes) ----------------------------------
 
+# A process's own exclusive queues: named by the broker (amq.gen-..., e.g. pika's) or by aio-pika's
+# robust channels, which name them amq_<uuid hex> themselves to declare them again after a reconnect.
+OWN_QUEUES = r"amq\.gen-.*|amq_[0-9a-f]{32}"
+
+
 def _names(*names: str) -> str:
     return "^(" + "|".join(names) + ")$"
 
@@ -83,7 +88,7 @@ def client_permissions(prefix: str) -> tuple[str, str, str]:
     """A person's permissions: publish tasks and kills, RPC, own exclusive queues bound to events,
     node info by basic.get. Nothing to configure but its own server-named queues."""
     p = re.escape(prefix)
-    own = r"amq\.gen-.*"
+    own = OWN_QUEUES
     configure = _names(own)
     # amq.default: RPC requests go to the host's queue through the default exchange.
     write = _names(rf"{p}\.tasks", rf"{p}\.control", r"amq\.default", own)
@@ -95,5 +100,5 @@ def client_permissions(prefix: str) -> tuple[str, str, str]:
 def service_permissions(prefix: str) -> tuple[str, str, str]:
     """A runner's or the host's permissions: everything under the prefix, nothing outside it."""
     p = re.escape(prefix)
-    every = _names(rf"{p}\..*", r"amq\.gen-.*", r"amq\.default")
+    every = _names(rf"{p}\..*", OWN_QUEUES, r"amq\.default")
     return every, every, every

@@ -251,8 +251,9 @@ def test_host_tasks_run_as_their_owner_and_cannot_leave_their_cgroup(owners):
                   "sh", "-c", "id -un; echo $HOME $USER $LOGNAME; touch .; "
                   "echo $$ > /sys/fs/cgroup/memory/cgroup.procs && echo escaped")
     task_id = code.stdout.decode().strip()
+    assert task_id, code.stderr
     out = cli_as(c, alice_url, "--stdout", task_id).stdout.decode().splitlines()
-    assert out[0] == alice
+    assert out and out[0] == alice, (code.stderr, c.task(task_id))
     assert out[1].split()[1:] == [alice, alice]
     assert "escaped" not in out
     assert code.returncode != 0   # the write to the root cgroup failed, so did the task
