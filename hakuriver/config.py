@@ -202,6 +202,8 @@ def _environment_overrides(environ: dict[str, str], data: dict[str, Any]) -> set
         if section not in SECTIONS or not key:
             continue
         model = SECTIONS[section]
+        if not isinstance(model, type) or not issubclass(model, BaseModel):  # [users]: names are case-sensitive
+            raise ConfigError(f"[{section}] cannot be set by environment variables ({name}); set it in the file")
         if key not in model.model_fields:
             raise ConfigError(f"unknown key '{section}.{key}' in environment variable {name}")
         data.setdefault(section, {})[key] = _parse_env_value(value, model.model_fields[key].annotation)

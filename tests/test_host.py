@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from hakuriver import broker, rpc
-from hakuriver.config import BrokerConfig, Config, PathsConfig, TimingConfig, WebConfig
+from hakuriver.config import BrokerConfig, Config, PathsConfig, SecurityConfig, TimingConfig, WebConfig
 from hakuriver.host.service import Host
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
@@ -73,7 +73,8 @@ async def cluster(tmp_path):
     config = Config(broker=BrokerConfig(url=BROKER_URL, prefix=prefix),
                     paths=PathsConfig(state_dir=str(tmp_path / "state"), shared_dir=str(tmp_path / "shared")),
                     timing=TimingConfig(heartbeat_interval=0.2, heartbeat_timeout_factor=3),
-                    web=WebConfig(listen=""))  # no dashboard: in-process hosts would all want port 8000
+                    web=WebConfig(listen=""),  # no dashboard: in-process hosts would all want port 8000
+                    security=SecurityConfig(admins=[ME]))  # queries read bob's tasks' output as an admin
     connection = await aio_pika.connect(BROKER_URL)
     channel = await connection.channel()
     exchanges = await broker.declare_exchanges(channel, Topology(prefix))
