@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pwd
 import subprocess
 import uuid
 from pathlib import Path
@@ -21,6 +22,7 @@ from hakuriver.admin import users
 from hakuriver.messages import Kill, Task
 from hakuriver.topology import Topology
 from harness.local_cluster import BIN, BROKER_URL, Cluster, wait_until
+from docker_fixtures import docker_engine  # noqa: F401  (fixture)
 
 # -- the rules, as pure functions ---------------------------------------------------------
 
@@ -269,3 +271,36 @@ def test_a_task_whose_owner_has_no_account_here_is_rejected(owners):
     task = c.task(result.stdout.decode().strip())
     assert task["state"] == "rejected"
     assert "would run as root" in task["message"] and "no admin" in task["message"]
+
+
+def test_a_container_task_writes_shared_files_as_its_owner(owners, docker_engine):  # noqa: F811
+    c, people = owners
+    alice, alice_url = people["alice"]
+    done = cli_as(c, alice_url, "--wait", "--target", "node1", "--container", "hakuriver-base", "--",
+                  "sh", "-c", "id -u; touch /shared/by-owner")
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.decode().strip()
+    uid = pwd.getpwnam(alice).pw_uid
+    assert cli_as(c, alice_url, "--stdout", task_id).stdout == f"{uid}\n".encode()
+    assert (c.root / "shared" / "by-owner").stat().st_uid == uid
+
+
+def test_init_user_add_prints_the_config_lines_and_remove_deletes(tmp_path, prefix):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[broker]\nurl = "{BROKER_URL}"\nprefix = "{prefix}"\n')
+    name = f"hrtest_{uuid.uuid4().hex[:8]}"
+    init = str(BIN / "hakuriver.init")
+    try:
+        made = subprocess.run([init, "user", "add", name, "--password", "pw-of-test", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        assert made.stdout == f'[broker]\nurl = "amqp://{name}:pw-of-test@127.0.0.1:5672/"\n'
+        listed = subprocess.run([init, "user", "list", "--config", str(config)], capture_output=True, text=True)
+        assert f"{name}\tuser" in listed.stdout.splitlines()
+        again = subprocess.run([init, "user", "add", name, "--config", str(config)], capture_output=True, text=True)
+        assert again.returncode == 1 and "already exists" in again.stderr
+    finally:
+        removed = subprocess.run([init, "user", "remove", name, "--config", str(config)], capture_output=True,
+                                 text=True, timeout=120)
+    assert removed.returncode == 0, removed.stderr
+    assert name not in {account.name for account in users.accounts(prefix)}
