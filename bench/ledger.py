@@ -60,7 +60,7 @@ async def _fill(cluster: Cluster, count: int) -> float:
 async def _publish_life_cycles(cluster: Cluster, tasks: int) -> int:
     import aio_pika
 
-    from hakuriver import broker, ids
+    from hakuriver import broker, identity, ids
     from hakuriver.messages import StateEvent
     from hakuriver.states import TaskState
     from hakuriver.topology import Topology
@@ -85,7 +85,8 @@ async def _publish_life_cycles(cluster: Cluster, tasks: int) -> int:
         exchanges = await broker.declare_exchanges(channel, topo)
         await broker.declare_ledger_queue(channel, topo, exchanges)
         for first in range(0, len(bodies), PUBLISH_WINDOW):
-            await asyncio.gather(*(exchanges.events.publish(broker.persistent(body), routing_key=key)
+            await asyncio.gather(*(exchanges.events.publish(broker.persistent(body, user_id=identity.broker_user(BROKER_URL)),
+                                                           routing_key=key)
                                    for key, body in bodies[first:first + PUBLISH_WINDOW]))
     return len(bodies)
 

@@ -21,7 +21,6 @@ instead of being lost there.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import socket
 import sys
 import time
@@ -33,7 +32,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from pydantic import ValidationError
 
-from hakuriver import broker, ids, rpc
+from hakuriver import broker, identity, ids, rpc
 from hakuriver.rpc import HostUnavailable
 from hakuriver.config import Config
 from hakuriver.messages import Kill, MessageTooLarge, NodeInfo, OutputChunk, StateEvent, Task, one_line
@@ -52,6 +51,10 @@ Output = Callable[[str, bytes], None]   # (stream, bytes) of a followed task's o
 class WrongState(Exception):
     """A control that does not fit the task's state now (pausing a task that does not run);
     nothing was sent; exit code 1."""
+
+
+class NotYours(Exception):
+    """The task belongs to someone else and we are no admin (``task 123 belongs to alice``); exit code 1."""
 
 
 class BadRequest(Exception):
@@ -85,6 +88,9 @@ class Client:
     def __init__(self, config: Config):
         self.config = config
         self.topo = Topology(config.broker.prefix, config.broker.queue_type)
+        # Who we are to the broker: every message we send carries it as ``user_id``, and the
+        # broker refuses any other, so runners and the host know the owner for certain.
+        self.user = identity.broker_user(config.broker.url)
         self._connection = None
         self._exchanges: broker.Exchanges | None = None
         self._events_queue = None
@@ -101,12 +107,13 @@ class Client:
     async def connect(self) -> None:
         self._connection = await broker.connect(self.config.broker.url, "hakuriver.client")
         self._channel = await self._connection.channel(publisher_confirms=True)
-        self._rpc = rpc.RpcClient(self._channel, self.topo)
+        self._rpc = rpc.RpcClient(self._channel, self.topo, user_id=self.user)
 
     async def exchanges(self) -> broker.Exchanges:
-        """The exchanges, declared on first use (queries need none)."""
+        """The exchanges, found on first use (queries need none). Looked up, not declared: a
+        client user may not configure them (the runners and the host declare them)."""
         if self._exchanges is None:
-            self._exchanges = await broker.declare_exchanges(self._channel, self.topo)
+            self._exchanges = await broker.find_exchanges(self._connection, self._channel, self.topo)
         return self._exchanges
 
     async def _events(self):
@@ -148,7 +155,7 @@ class Client:
                    arg_lists: Iterable[list[str]] | None = None) -> list[Task]:
         """One task per target (or per combination, round-robin over the targets), one batch id."""
         batch = ids.new_id()
-        user, host, now = getpass.getuser(), socket.gethostname(), time.time()
+        user, host, now = self.user, socket.gethostname(), time.time()
         parsed = [parse_target(t) for t in (targets or [POOL_KEY])]
         common = dict(batch_id=batch, command=spec.command, env=spec.env, cores=spec.cores, memory=spec.memory,
                       container=spec.container, privileged=spec.privileged, mounts=spec.mounts,
@@ -290,7 +297,7 @@ class Client:
         The ledger queue is bound to the tasks exchange too, so this one publish is
         also the task's ``pending`` event for the host.
         """
-        result = await exchanges.tasks.publish(broker.persistent(body),
+        result = await exchanges.tasks.publish(broker.persistent(body, user_id=self.user),
                                                routing_key=task.routing_key, mandatory=True)
         return result if hasattr(result, "delivery") else None
 
@@ -317,37 +324,47 @@ class Client:
         just submitted, and a runner that receives the task later never runs it.
 
         Returns the task as the ledger had it; None if the ledger has no record of it (yet)
-        or the host could not be asked."""
+        or the host could not be asked. :class:`NotYours`, and nothing sent, if the ledger
+        says it is someone else's (the runner checks again: it has the owner from ``user_id``)."""
         try:
-            found = (await self.query("status", {"task_ids": [task_id]}, timeout=3.0))["tasks"]
+            answer = await self.query("status", {"task_ids": [task_id]}, timeout=3.0)
         except HostUnavailable:
-            found = []
-        task = found[0] if found else None
+            answer = {"tasks": []}
+        task = answer["tasks"][0] if answer["tasks"] else None
+        if task is not None:
+            self._check_ours(task_id, task, answer)
         if task is not None and TaskState(task["state"]).terminal:
             return task
         node = task["node"] if task and task.get("node") else ALL_NODES_KEY
-        body = broker.persistent(Kill(task_id=task_id, user=getpass.getuser()).to_bytes())
+        body = broker.persistent(Kill(task_id=task_id, user=self.user).to_bytes(), user_id=self.user)
         control = (await self.exchanges()).control
         result = await control.publish(body, routing_key=node, mandatory=True)
         if hasattr(result, "delivery") and node != ALL_NODES_KEY:
             await control.publish(body, routing_key=ALL_NODES_KEY, mandatory=False)
         return task
 
+    def _check_ours(self, task_id: int, task: dict[str, Any], answer: dict[str, Any]) -> None:
+        """:class:`NotYours` unless we own ``task`` or are an admin (the host's status answer says which)."""
+        admins = [self.user] if answer.get("admin") else []
+        if (why := identity.refusal(self.user, task_id, task.get("user"), admins)) is not None:
+            raise NotYours(why)
+
     async def pause(self, task_id: int, resume: bool = False) -> dict[str, Any]:
         """Send a pause (or resume) to the node of a running (or paused) task; the task as the
         ledger had it. Unlike a kill it needs the task's node and state from the host:
         :class:`BadRequest` for an unknown task, :class:`WrongState` (nothing sent) for a task
         in any other state. The runner checks again, for a task that ended meanwhile."""
-        found = (await self.query("status", {"task_ids": [task_id]}))["tasks"]
-        if not found:
+        answer = await self.query("status", {"task_ids": [task_id]})
+        if not answer["tasks"]:
             raise BadRequest(f"unknown task {task_id}")
-        task = found[0]
+        task = answer["tasks"][0]
+        self._check_ours(task_id, task, answer)
         needed = TaskState.PAUSED if resume else TaskState.RUNNING
         if task["state"] != needed:
             raise WrongState(f"task {task_id} is {task['state']}: only a {needed} task can be "
                              f"{'resumed' if resume else 'paused'}")
-        body = broker.persistent(Kill(task_id=task_id, user=getpass.getuser(),
-                                      action="resume" if resume else "pause").to_bytes())
+        body = broker.persistent(Kill(task_id=task_id, user=self.user, action="resume" if resume else "pause").to_bytes(),
+                                 user_id=self.user)
         await (await self.exchanges()).control.publish(body, routing_key=task["node"], mandatory=True)
         return task
 
@@ -355,13 +372,15 @@ class Client:
         try:
             return await self._rpc.call(method, params, timeout=timeout)
         except rpc.RpcError as exc:
+            if identity.is_refusal(str(exc)):
+                raise NotYours(str(exc)) from None
             raise BadRequest(str(exc)) from None
 
     async def list_tasks(self, limit: int = 50, before: int | None = None, **filters: Any
                          ) -> tuple[list[dict[str, Any]], int | None]:
         """Up to ``limit`` task summaries, newest first, asking page by page (the host bounds
         each reply in bytes); and the cursor for the next page (``before``), None at the end.
-        ``filters``: state, node, batch."""
+        ``filters``: state, node, batch, user."""
         tasks: list[dict[str, Any]] = []
         while len(tasks) < limit:
             page = await self.query("list_tasks", {**filters, "limit": limit - len(tasks), "before": before})

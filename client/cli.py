@@ -74,6 +74,8 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--state", metavar="STATE", help="--list-tasks: only this state.")
 @click.option("--node", metavar="NODE", help="--list-tasks: only this node.")
 @click.option("--batch", metavar="BATCH", help="--list-tasks: only this batch.")
+@click.option("--user", metavar="NAME", help="--list-tasks: only tasks of this user (its broker user name).")
+@click.option("--mine", is_flag=True, help="--list-tasks: only my tasks (those of my broker user).")
 @click.option("--limit", metavar="N", help=f"--list-tasks: at most N (default 50, at most {bounds.MAX_LIST_LIMIT}).")
 @click.option("--before", metavar="ID", help="--list-tasks: only tasks older than ID (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -102,7 +104,7 @@ def _validate(o: dict) -> Request:
     command = list(o["command"])
     submit_only = [flag for flag in ("targets", "gpus", "container", "cores", "memory", "envs", "mounts", "privileged",
                                      "sweep") if o[flag]]
-    list_filters = [flag for flag in ("state", "node", "batch", "limit", "before") if o[flag]]
+    list_filters = [flag for flag in ("state", "node", "batch", "user", "mine", "limit", "before") if o[flag]]
     if len(queries) > 1:
         raise UsageError("conflicting options: " + " and ".join("--" + q.replace("_", "-") for q in queries))
     if queries and command:
@@ -156,7 +158,10 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
     if limit and (not limit.isdigit() or not 1 <= int(limit) <= bounds.MAX_LIST_LIMIT):
         raise UsageError(f"invalid --limit {limit!r} (a whole number from 1 to {bounds.MAX_LIST_LIMIT}; "
                          "list further with --before ID, the last id listed)")
+    if o["user"] and o["mine"]:
+        raise UsageError("--user and --mine do not go together")
     return ListTasksRequest(state=o["state"], node=o["node"], batch=int(o["batch"]) if o["batch"] else None,
+                            user=o["user"], mine=o["mine"],
                             limit=int(limit) if limit else 50,
                             before=_task_id(o["before"], "--before") if o["before"] else None, **common)
 

@@ -53,6 +53,7 @@ def status(tasks: list[dict[str, Any]]) -> str:
         gpus = ",".join(map(str, t.get("gpus") or [])) or (f"any {t['gpu_count']}" if t.get("gpu_count") else "-")
         fields = [
             ("task", str(t["task_id"])), ("batch", str(t.get("batch_id", "-"))), ("state", t["state"]),
+            ("owner", t.get("user") or "-"),
             ("node", t.get("node") or "-"), ("target", target),
             ("exit code", "-" if t.get("exit_code") is None else str(t["exit_code"])),
             ("command", _command(t)), ("container", t.get("container") or "NULL (host)"),

@@ -64,6 +64,8 @@ class ListTasksRequest(Request):
     state: str | None = None
     node: str | None = None
     batch: int | None = None
+    user: str | None = None                # only this owner's tasks
+    mine: bool = False                     # only ours (the owner is our broker user)
     limit: int = 50
     before: int | None = None              # only tasks older than this id (the next page)
 

@@ -20,7 +20,7 @@ import sys
 from typing import Any, Callable
 
 from client import render
-from client.api import BadRequest, Client, HostUnavailable, TaskSpec, WrongState
+from client.api import BadRequest, Client, HostUnavailable, NotYours, TaskSpec, WrongState
 from client.exits import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_UNREACHABLE,
                           EXIT_USAGE)
 from client.requests import (HealthRequest, KillRequest, ListNodesRequest, ListTasksRequest, OutputRequest,
@@ -85,6 +85,9 @@ def run(request: Request) -> int:
     except BadRequest as exc:
         _say(f"hakuriver.client: {exc}")
         return EXIT_USAGE
+    except NotYours as exc:  # someone else's task: a refusal, not bad input
+        _say(str(exc))
+        return EXIT_FAILED
     except (BrokerUnreachable, HostUnavailable) as exc:
         _say(f"hakuriver.client: {exc}")
         return EXIT_UNREACHABLE
@@ -254,7 +257,8 @@ async def _status(client: Client, request: StatusRequest) -> int:
 
 async def _list_tasks(client: Client, request: ListTasksRequest) -> int:
     tasks, next_before = await client.list_tasks(limit=request.limit, before=request.before, state=request.state,
-                                                 node=request.node, batch=request.batch)
+                                                 node=request.node, batch=request.batch,
+                                                 user=client.user if request.mine else request.user)
     _emit(request.as_json, {"tasks": tasks, "next_before": next_before}, lambda: render.task_table(tasks))
     if next_before is not None and not request.as_json:
         _say(f"more: --before {next_before}")

@@ -61,6 +61,24 @@ async def declare_exchanges(channel: AbstractChannel, topo: Topology) -> Exchang
     return Exchanges(tasks, control, events, dead)
 
 
+async def find_exchanges(connection, channel: AbstractChannel, topo: Topology) -> Exchanges:
+    """The exchanges as runners and the host declared them, for a client user, who may not
+    declare them (``configure``). Checked with a passive declare on a channel of its own (a
+    missing one closes that channel, not ``channel``); :class:`BrokerUnreachable` saying so."""
+    probe = await connection.channel()
+    try:
+        for name in (topo.tasks, topo.control, topo.events):
+            await probe.declare_exchange(name, passive=True)
+    except aio_pika.exceptions.ChannelClosed as exc:
+        raise BrokerUnreachable(f"the broker has no exchanges of prefix {topo.prefix!r} yet: no runner or host "
+                                f"has started with it ({exc})") from None
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    found = [await channel.get_exchange(name, ensure=False) for name in (topo.tasks, topo.control, topo.events, topo.dead)]
+    return Exchanges(*found)
+
+
 async def declare_pool_queue(channel: AbstractChannel, topo: Topology, exchanges: Exchanges):
     queue = await channel.declare_queue(topo.pool, durable=True, arguments=topo.dead_letter_args)
     await queue.bind(exchanges.tasks, POOL_KEY)

@@ -50,6 +50,8 @@ class NodeConfig(_Section):
     cores: int = 0
     memory: str = ""
     allow_privileged: bool = False
+    allow_root: bool = False             # admins' tasks whose account is root may run as root here
+    allow_root_containers: bool = False  # containers run as root, not as their owner's uid:gid
     allowed_mount_roots: list[str] = []
     gpus: str = "auto"   # "auto" (NVML), "none", or indices declared by hand: "0,1" (README "GPUs")
     executor: Literal["auto", "process", "systemd"] = "auto"  # host tasks; auto: systemd where it is PID 1
@@ -151,6 +153,7 @@ class WebConfig(_Section):
 
 class SecurityConfig(_Section):
     admins: list[str] = []           # users who may act on every task (the others: on their own)
+    service_accounts: list[str] = []  # broker users whose events are believed (besides this process's own)
 
 
 class Config(_Section):
@@ -163,6 +166,7 @@ class Config(_Section):
     client: ClientConfig = ClientConfig()
     web: WebConfig = WebConfig()
     security: SecurityConfig = SecurityConfig()
+    users: dict[str, str] = {}       # broker user -> Unix account on this node, where the names differ
 
     @property
     def database_url(self) -> str:
@@ -229,6 +233,8 @@ def _environment_overrides(environ: dict[str, str], data: dict[str, Any]) -> set
         if section not in SECTIONS or not key:
             continue
         model = SECTIONS[section]
+        if not isinstance(model, type) or not issubclass(model, BaseModel):  # [users]: names are case-sensitive
+            raise ConfigError(f"[{section}] cannot be set by environment variables ({name}); set it in the file")
         if key not in model.model_fields:
             raise ConfigError(f"unknown key '{section}.{key}' in environment variable {name}")
         data.setdefault(section, {})[key] = _parse_env_value(value, model.model_fields[key].annotation)
@@ -262,7 +268,9 @@ queue_type = "classic"                        # "quorum" on a broker cluster (th
 name = ""                  # this runner's node name; "" = the machine's hostname
 cores = 0                  # cores offered to tasks; 0 = all the machine has
 memory = ""                # memory offered to tasks, e.g. "16G"; "" = all
-allow_privileged = false   # may tasks ask for --privileged containers?
+allow_privileged = false   # may tasks ask for --privileged containers? (admins' tasks only)
+allow_root = false         # may admins' tasks run as root (an account mapped to root by [users])?
+allow_root_containers = false  # containers as root instead of their owner's uid:gid
 allowed_mount_roots = []   # host paths under which --mount may point
 gpus = "auto"              # GPUs offered to tasks: "auto" (NVML, needs hakuriver[gpu]), "none", or "0,1"
 executor = "auto"          # host tasks: "auto" = systemd scopes where systemd is PID 1, else
@@ -296,7 +304,11 @@ allow_actions_without_login = false   # let anyone kill from the dashboard (only
 secret = ""                # signs session cookies; "" = a new secret at every host start
 
 [security]
-admins = []                # users who may act on every task; the others act on their own tasks
+admins = []                # broker users who may kill and read every task; the others only their own
+service_accounts = []      # broker users of runners and host whose events are believed (own user always is)
+
+[users]                    # runners: broker user = Unix account a task runs as; map the exceptions here
+# alice_lab = "alice"
 '''
 
 

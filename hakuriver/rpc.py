@@ -6,6 +6,8 @@ Requests are :class:`~hakuriver.messages.RpcRequest` JSON on the default exchang
 (``amq.rabbitmq.reply-to``), so no reply queue is declared and nothing is left behind.
 A request carries an expiration equal to the caller's timeout, so requests that wait
 for a host that is down do not pile up and get answered long after anyone listens.
+Every request carries the AMQP ``user_id`` of its connection (:mod:`hakuriver.identity`):
+the host answers a task's output and env values only to its owner and admins.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from hakuriver import identity
 from hakuriver.messages import RpcReply, RpcRequest
 from hakuriver.topology import Topology
 
@@ -41,9 +44,10 @@ class RpcClient:
     share this object (see :func:`call`).
     """
 
-    def __init__(self, channel: AbstractChannel, topo: Topology):
+    def __init__(self, channel: AbstractChannel, topo: Topology, user_id: str | None = None):
         self.channel = channel
         self.topo = topo
+        self.user_id = user_id or connection_user(channel)
         self._pending: dict[str, asyncio.Future] = {}
         self._consuming: asyncio.Task | None = None
         self._consuming_on = None  # the AMQP channel under ``channel`` that the consumer is on
@@ -86,7 +90,7 @@ class RpcClient:
         try:
             message = aio_pika.Message(request.to_bytes(), content_type="application/json",
                                        correlation_id=correlation_id, reply_to=DIRECT_REPLY_TO,
-                                       expiration=timeout)
+                                       expiration=timeout, user_id=self.user_id)
             returned = await self.channel.default_exchange.publish(message, routing_key=topo.rpc,
                                                                   mandatory=True)
             if isinstance(returned, aiormq.abc.DeliveredMessage):
@@ -100,6 +104,13 @@ class RpcClient:
         if not reply.ok:
             raise RpcError(reply.error or f"{method} failed")
         return reply.result
+
+
+def connection_user(channel: AbstractChannel) -> str:
+    """The broker user ``channel``'s connection logged in as (the only ``user_id`` the broker lets it send)."""
+    connection = getattr(channel, "_connection", None)  # aio-pika keeps it there; its URL names the user
+    url = getattr(connection, "url", None)
+    return identity.broker_user(str(url)) if url is not None else identity.DEFAULT_AMQP_USER
 
 
 _clients: "weakref.WeakKeyDictionary[AbstractChannel, RpcClient]" = weakref.WeakKeyDictionary()

@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from hakuriver import identity  # a pure module: nothing heavy is imported
+
 BROKER_URL = os.environ.get("HAKURIVER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BIN = Path(sys.executable).parent
 
@@ -110,6 +112,13 @@ def write_config(path: Path, prefix: str, root: Path, broker_url: str = BROKER_U
         "timing": {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0},
         "docker": {"default_container": "NULL"},
         "web": {"listen": f"127.0.0.1:{free_port()}"},
+        # Everything here connects as the broker URL's user (guest): the host's and runners' own
+        # user, so their service account, and the owner of the tests' tasks. It is made an
+        # admin whose tasks run as root, as the tests' tasks always did; tests of owners and
+        # accounts (test_identity.py) make broker users and Unix accounts of their own.
+        "node": {"allow_root": True},
+        "security": {"admins": [identity.broker_user(broker_url)]},
+        "users": {identity.broker_user(broker_url): "root"},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

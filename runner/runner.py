@@ -33,11 +33,12 @@ import psutil
 from aio_pika.abc import AbstractIncomingMessage
 
 import hakuriver
-from hakuriver import broker
+from hakuriver import broker, identity
 from hakuriver.config import Config
 from hakuriver.messages import Heartbeat, Kill, NodeInfo, Task, one_line
 from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
+from runner import accounts
 from runner.admission import Admission, Capacity
 from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec, StartFailed, TaskRejected
 from runner.executors.select import available_executors, executor_for, usable
@@ -80,6 +81,11 @@ class Runner:
         self.config = config
         self.node = config.node.node_name
         self.topo = Topology(config.broker.prefix, config.broker.queue_type)
+        # hakuriver.identity: our own broker user (every event we send carries it as user_id),
+        # whose events and kills we believe, and who may act on every task.
+        self.user = identity.broker_user(config.broker.url)
+        self.services = identity.service_accounts(config.broker.url, config.security.service_accounts)
+        self.admins = frozenset(config.security.admins)
         self.state_dir = Path(config.paths.state_dir) / f"runner-{self.node}"
         self.output_dir = self.state_dir / "output"
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -187,21 +193,24 @@ class Runner:
             broker.persistent(info.to_bytes()), routing_key=queue_name, mandatory=False)
 
     async def _publish_raw(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
-        await self._by_name[exchange].publish(broker.persistent(body, headers), routing_key=key, mandatory=False)
+        await self._by_name[exchange].publish(broker.persistent(body, headers, user_id=self.user), routing_key=key,
+                                              mandatory=False)
 
     # ---- taking tasks -----------------------------------------------------------------
 
     async def _parse_task(self, message: AbstractIncomingMessage) -> Task | None:
-        """The task in ``message``; None (and the message dead-lettered) if it is not a valid one."""
+        """The task in ``message``, owned by the message's broker-checked ``user_id`` whatever its
+        body says (``user`` empty without one: :meth:`_refusal` rejects it); None (and the message
+        dead-lettered) if it is not a valid task."""
         try:
-            return Task.from_bytes(message.body)
+            return Task.from_bytes(message.body).model_copy(update={"user": message.user_id or ""})
         except ValueError as exc:
             await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
             return None
 
     async def _on_task_message(self, message: AbstractIncomingMessage) -> None:
         if (task := await self._parse_task(message)) is not None:
-            await self._accept(task, message, self._cannot_run(task) or refusal(task, self.config.node))
+            await self._accept(task, message, self._refusal(task))
 
     async def _accept(self, task: Task, message: AbstractIncomingMessage, rejection: str | None) -> None:
         """Make ``task`` ours: record it and its first event, then ack. A kill that came
@@ -209,7 +218,7 @@ class Runner:
         if self.store.has(task.task_id):  # redelivered: already ours
             await message.ack()
             return
-        if self.store.take_tombstone(task.task_id):
+        if self._take_tombstone(task):
             row = self.store.accept(task, TaskState.KILLED, message="killed before it started")
         elif rejection is not None:
             row = self.store.accept(task, TaskState.REJECTED, message=rejection)
@@ -220,6 +229,16 @@ class Runner:
             self._schedule_wakeup.set()
         await self.store.outbox.wait_confirmed(row)
         await message.ack()
+
+    def _refusal(self, task: Task) -> str | None:
+        """Why this node refuses ``task`` for good, or None: nobody vouches for its owner, it can
+        never run here, or the node's policy forbids what it asks."""
+        if not task.user:
+            return identity.NO_USER
+        return (self._cannot_run(task) or refusal(task, self.config.node)
+                or accounts.refusal(task.user, host_task=task.container is None, privileged=task.privileged,
+                                    node=self.node, users=self.config.users, admins=self.admins,
+                                    allow_root=self.config.node.allow_root))
 
     def _cannot_run(self, task: Task) -> str | None:
         """Why this node can never run ``task`` (its size, or no executor of its kind), or None."""
@@ -240,6 +259,8 @@ class Runner:
         could run it, and rejected only when none can."""
         if self.store.has(task.task_id) or self.store.has_tombstone(task.task_id):
             return True, None
+        if not task.user:
+            return True, identity.NO_USER
         if self._cannot_run(task) is None:
             # It can run here. Taken while a core is free even if it does not fit yet: it then
             # waits here (and this runner takes nothing more from the pool until it starts)
@@ -251,7 +272,7 @@ class Runner:
                 # the head of the pool, where it would hold back the tasks behind it.
                 room = not any(len(peer.gpus_free) >= task.gpu_count and peer.cannot_run(task) is None
                                for peer in self.peers.online())
-            return room, refusal(task, self.config.node)
+            return room, self._refusal(task)
         if not self.peers.settled():
             return False, None  # not everyone heard yet: do not judge
         rejection = pool_refusal(task, [self._view(), *self.peers.online()])
@@ -274,6 +295,9 @@ class Runner:
         await self._update_pool_consumer()
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        if message.user_id not in self.services:  # only runners speak for nodes
+            log.debug("heartbeat from %r ignored: no service account", message.user_id)
+            return
         try:
             self.peers.heard(Heartbeat.from_bytes(message.body))
         except ValueError as exc:  # the host dead-letters bad heartbeats; here it is only not heard
@@ -302,23 +326,44 @@ class Runner:
         """Every control message (kill, pause, resume) passes here: one place for its checks."""
         try:
             control = Kill.from_bytes(message.body)
+            if not message.user_id:
+                raise ValueError(identity.NO_USER)
         except ValueError as exc:
             await broker.dead_letter(self._consume_exchanges, message, f"invalid control message: {exc}",
                                      f"runner {self.node}")
             return
         if control.action == "kill":
-            await self._kill(control.task_id, for_this_node=message.routing_key == self.node)
+            await self._kill(control.task_id, for_this_node=message.routing_key == self.node, by=message.user_id)
         else:
-            await self._pause_or_resume(control.task_id, pause=control.action == "pause")
+            await self._pause_or_resume(control.task_id, pause=control.action == "pause", by=message.user_id)
         await message.ack()
 
-    async def _pause_or_resume(self, task_id: int, pause: bool) -> None:
+    def _may_kill(self, by: str, owner: str) -> bool:
+        """The owner, an admin, or a service account (the host's dashboard, which checked the rule itself).
+        The same rule holds for pause and resume."""
+        return by in self.services or identity.may_act(by, owner, self.admins)
+
+    def _take_tombstone(self, task: Task) -> bool:
+        """Whether a kill that came before ``task`` ends it: only one its owner or an admin sent."""
+        killers = self.store.take_tombstone(task.task_id)
+        for killer in killers:
+            if self._may_kill(killer, task.user):
+                return True
+            log.warning("kill of task %d by %s ignored: %s", task.task_id, killer,
+                        identity.refusal(killer, task.task_id, task.user, self.admins))
+        return False
+
+    async def _pause_or_resume(self, task_id: int, pause: bool, by: str) -> None:
         """Pause a running task, or resume a paused one; anything else is refused (logged,
         nothing changes: the client checked the state already, this covers a race)."""
         what = "pause" if pause else "resume"
         running = self.running.get(task_id)
         if running is None or running.handle is None or running.ending or running.kill_requested:
             log.info("task %s: %s refused: not running on %s", task_id, what, self.node)
+            return
+        if not self._may_kill(by, running.task.user):
+            log.warning("%s of task %d by %s refused: %s", what, task_id, by,
+                        identity.refusal(by, task_id, running.task.user, self.admins))
             return
         if running.paused == pause:
             log.info("task %s: %s refused: already %s", task_id, what, "paused" if pause else "running")
@@ -334,8 +379,13 @@ class Runner:
         self.store.transition(task_id, TaskState.PAUSED if pause else TaskState.RUNNING,
                               message=f"{'paused' if pause else 'resumed'}: {how}")
 
-    async def _kill(self, task_id: int, for_this_node: bool) -> None:
+    async def _kill(self, task_id: int, for_this_node: bool, by: str) -> None:
         running = self.running.get(task_id)
+        owned = running.task if running is not None else next((t for t in self.waiting if t.task_id == task_id), None)
+        if owned is not None and not self._may_kill(by, owned.user):
+            log.warning("kill of task %d by %s refused: %s", task_id, by,
+                        identity.refusal(by, task_id, owned.user, self.admins))
+            return
         if running is not None:
             running.kill_requested = True  # a paused task is thawed by the executor's stop
             self.store.request_kill(task_id)
@@ -353,7 +403,7 @@ class Runner:
             return
         if not self.store.has(task_id):
             # not here (yet): if it arrives later it must never run; it may wait in the pool
-            self.store.add_tombstone(task_id)
+            self.store.add_tombstone(task_id, by)
             self._pool_look_until = time.monotonic() + KILL_LOOK_S
             self._pool_paused_until = 0.0
             await self._update_pool_consumer()
@@ -413,7 +463,12 @@ class Runner:
             env.update(self.gpus.host_env(gpus))
         elif gpus:
             env["HAKURIVER_GPUS"] = ",".join(map(str, gpus))
-        return RunSpec(env=env, stdout_path=self.output_dir / f"{task.task_id}.stdout",
+        account = accounts.lookup(accounts.account_name(task.user, self.config.users))  # checked at arrival
+        container_user = None
+        if task.container is not None and account is not None and not self.config.node.allow_root_containers:
+            container_user = f"{account.uid}:{account.gid}"
+        return RunSpec(env=env, account=account, container_user=container_user,
+                       stdout_path=self.output_dir / f"{task.task_id}.stdout",
                        stderr_path=self.output_dir / f"{task.task_id}.stderr", cpus=cpus, mems=mems,
                        gpus=self.gpus.device_ids(gpus),
                        shared_dir=self.config.paths.shared_dir, local_temp_dir=self.config.paths.local_temp_dir)
@@ -510,7 +565,8 @@ class Runner:
         return lambda stream, offset: self.store.set_sent(task_id, stream, offset)
 
     async def _publish_chunk(self, key: str, body: bytes, headers: dict) -> None:
-        await self.exchanges.events.publish(broker.persistent(body, headers), routing_key=key, mandatory=False)
+        await self.exchanges.events.publish(broker.persistent(body, headers, user_id=self.user), routing_key=key,
+                                            mandatory=False)
 
     async def _output_loop(self) -> None:
         while True:
@@ -609,7 +665,7 @@ class Runner:
     async def _publish_heartbeat(self, stopping: bool = False) -> None:
         expiration = max(1.0, self.config.timing.offline_after)
         message = aio_pika.Message(self.heartbeat(stopping).to_bytes(), content_type="application/json",
-                                   expiration=expiration)
+                                   expiration=expiration, user_id=self.user)
         await self.exchanges.events.publish(message, routing_key=self.topo.heartbeat_key(self.node),
                                             mandatory=False)
 

@@ -35,7 +35,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
-CREATE TABLE IF NOT EXISTS tombstones (task_id INTEGER PRIMARY KEY, at REAL NOT NULL);
+-- kills of tasks not seen yet, with who sent each (only the owner's or an admin's ends the task);
+-- replaces the table "tombstones" of earlier versions, which did not know who killed
+DROP TABLE IF EXISTS tombstones;
+CREATE TABLE IF NOT EXISTS early_kills (task_id INTEGER NOT NULL, killer TEXT NOT NULL, at REAL NOT NULL,
+                                        PRIMARY KEY (task_id, killer));
 """
 
 
@@ -115,17 +119,22 @@ class RunnerStore:
         with self.db:
             self.db.execute("UPDATE tasks SET kill_requested = 1 WHERE task_id = ?", (task_id,))
 
-    def add_tombstone(self, task_id: int) -> None:
-        """A kill for a task this runner has not seen: if it arrives later, it never runs."""
+    def add_tombstone(self, task_id: int, killer: str) -> None:
+        """A kill by ``killer`` for a task this runner has not seen: if it arrives later and
+        ``killer`` may kill it (the runner decides then: it learns the owner with the task), it never runs."""
         with self.db:
-            self.db.execute("INSERT OR IGNORE INTO tombstones VALUES (?, ?)", (task_id, time.time()))
+            self.db.execute("INSERT OR IGNORE INTO early_kills VALUES (?, ?, ?)", (task_id, killer, time.time()))
 
     def has_tombstone(self, task_id: int) -> bool:
-        return self.db.execute("SELECT 1 FROM tombstones WHERE task_id = ?", (task_id,)).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM early_kills WHERE task_id = ?", (task_id,)).fetchone() is not None
 
-    def take_tombstone(self, task_id: int) -> bool:
+    def take_tombstone(self, task_id: int) -> list[str]:
+        """Who sent kills before task ``task_id`` arrived (none: an empty list); forgets them."""
         with self.db:
-            return self.db.execute("DELETE FROM tombstones WHERE task_id = ?", (task_id,)).rowcount > 0
+            killers = [row[0] for row in self.db.execute("SELECT killer FROM early_kills WHERE task_id = ?",
+                                                         (task_id,))]
+            self.db.execute("DELETE FROM early_kills WHERE task_id = ?", (task_id,))
+        return killers
 
     def unfinished(self) -> list[StoredTask]:
         """Every task not yet in a terminal state, in arrival order."""
@@ -138,7 +147,7 @@ class RunnerStore:
         cutoff = time.time() - older_than
         with self.db:
             self.db.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,))
-            self.db.execute("DELETE FROM tombstones WHERE at < ?", (cutoff,))
+            self.db.execute("DELETE FROM early_kills WHERE at < ?", (cutoff,))
 
     def close(self) -> None:
         self.db.close()

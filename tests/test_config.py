@@ -55,7 +55,7 @@ def test_default_config_text_is_valid_and_complete(tmp_path):
     path = tmp_path / "default.toml"
     path.write_text(default_config_text())
     data = tomllib.loads(path.read_text())
-    assert set(data) == {"broker", "node", "paths", "host", "timing", "docker", "client", "web", "security"}
+    assert set(data) == {"broker", "node", "paths", "host", "timing", "docker", "client", "web", "security", "users"}
     assert load_config(str(path), environ={}).model_dump() == load_config(str(path), environ={}).model_dump()
 
 

@@ -343,7 +343,8 @@ def test_garbage_is_dead_lettered_and_the_runner_serves_on(make_cluster, private
     # the tasks exchange too (it learns every submitted task there), so it sees the task garbage
     every = asyncio.run(_publish_garbage_and_collect(private_broker.url, c.prefix, "node1", expect=20))
     by_host = [m for m in every if m.headers.get("x-hakuriver-source") == "host"]
-    assert sorted(m.body for m in by_host) == sorted(list(garbage("node1").values()) * 2)
+    assert sorted(m.body for m in by_host) == sorted(list(garbage("node1").values()) * 2), \
+        [(m.headers.get("x-hakuriver-source"), m.headers.get("x-hakuriver-reason"), m.body[:80]) for m in every]
     letters = [m for m in every if m.headers.get("x-hakuriver-source") == "runner node1"]
     reasons = [(m.headers.get("x-hakuriver-routing-key"), str(m.headers.get("x-hakuriver-reason"))) for m in letters]
     assert len(letters) == 12 and len(every) == 20, reasons

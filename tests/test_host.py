@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from hakuriver import broker, rpc
-from hakuriver.config import BrokerConfig, Config, PathsConfig, TimingConfig, WebConfig
+from hakuriver.config import BrokerConfig, Config, PathsConfig, SecurityConfig, TimingConfig, WebConfig
 from hakuriver.host.service import Host
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
@@ -25,6 +25,7 @@ from hakuriver.topology import Topology
 from harness.local_cluster import wait_until_async
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ME = "guest"   # the host's own broker user, so a service account: the host believes its events
 
 
 class Cluster:
@@ -47,15 +48,15 @@ class Cluster:
             self.host = None
 
     async def publish_state(self, ev: StateEvent) -> None:
-        await self.exchanges.events.publish(broker.persistent(ev.to_bytes()), routing_key=Topology.state_key(ev.task_id))
+        await self.exchanges.events.publish(broker.persistent(ev.to_bytes(), user_id=ME), routing_key=Topology.state_key(ev.task_id))
 
     async def publish_chunk(self, task_id: int, stream: str, offset: int, data: bytes) -> None:
         chunk = OutputChunk(task_id=task_id, stream=stream, offset=offset)
-        await self.exchanges.events.publish(broker.persistent(data, headers=chunk.headers()),
+        await self.exchanges.events.publish(broker.persistent(data, headers=chunk.headers(), user_id=ME),
                                             routing_key=Topology.output_key(task_id, stream))
 
     async def publish_heartbeat(self, beat: Heartbeat) -> None:
-        await self.exchanges.events.publish(broker.persistent(beat.to_bytes()),
+        await self.exchanges.events.publish(broker.persistent(beat.to_bytes(), user_id=ME),
                                             routing_key=Topology.heartbeat_key(beat.node))
 
     async def call(self, method: str, **params):
@@ -72,7 +73,8 @@ async def cluster(tmp_path):
     config = Config(broker=BrokerConfig(url=BROKER_URL, prefix=prefix),
                     paths=PathsConfig(state_dir=str(tmp_path / "state"), shared_dir=str(tmp_path / "shared")),
                     timing=TimingConfig(heartbeat_interval=0.2, heartbeat_timeout_factor=3),
-                    web=WebConfig(listen=""))  # no dashboard: in-process hosts would all want port 8000
+                    web=WebConfig(listen=""),  # no dashboard: in-process hosts would all want port 8000
+                    security=SecurityConfig(admins=[ME]))  # queries read bob's tasks' output as an admin
     connection = await aio_pika.connect(BROKER_URL)
     channel = await connection.channel()
     exchanges = await broker.declare_exchanges(channel, Topology(prefix))
@@ -205,7 +207,7 @@ async def test_garbage_is_dead_lettered_and_the_host_keeps_serving(cluster):
         ("task.1.state", json.dumps({"v": 1, "task_id": 1, "state": "running", "seq": 1 << 70}).encode(), None),
     ]
     for key, body, headers in garbage:
-        await events.publish(aio_pika.Message(body, headers=headers), routing_key=key)
+        await events.publish(aio_pika.Message(body, headers=headers, user_id=ME), routing_key=key)
     await cluster.publish_state(StateEvent(task_id=5, state=TaskState.PENDING, seq=0, task=make_task(5)))
 
     async def good_event_stored():
@@ -267,12 +269,12 @@ async def test_throughput_of_a_backlog(cluster):
         for seq, state in enumerate(["pending", "queued", "running"]):
             ev = StateEvent(task_id=task_id, state=TaskState(state), seq=seq, node="node1",
                             task=make_task(task_id) if seq < 2 else None)
-            await events.publish(broker.persistent(ev.to_bytes()), routing_key=Topology.state_key(task_id))
+            await events.publish(broker.persistent(ev.to_bytes(), user_id=ME), routing_key=Topology.state_key(task_id))
         chunk = OutputChunk(task_id=task_id, stream="stdout", offset=0)
-        await events.publish(broker.persistent(b"line\n", headers=chunk.headers()),
+        await events.publish(broker.persistent(b"line\n", headers=chunk.headers(), user_id=ME),
                              routing_key=Topology.output_key(task_id, "stdout"))
         ev = StateEvent(task_id=task_id, state=TaskState.COMPLETED, seq=3, node="node1", exit_code=0)
-        await events.publish(broker.persistent(ev.to_bytes()), routing_key=Topology.state_key(task_id))
+        await events.publish(broker.persistent(ev.to_bytes(), user_id=ME), routing_key=Topology.state_key(task_id))
     await cluster.publish_state(StateEvent(task_id=count_tasks + 1, state=TaskState.PENDING, seq=0,
                                            task=make_task(count_tasks + 1)))
 

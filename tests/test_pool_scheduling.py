@@ -148,7 +148,7 @@ def publish(c: Cluster, **fields) -> int:
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchanges = await broker.declare_exchanges(channel, Topology(c.prefix))
-            await exchanges.tasks.publish(broker.persistent(task.to_bytes()), routing_key=task.routing_key,
+            await exchanges.tasks.publish(broker.persistent(task.to_bytes(), user_id="guest"), routing_key=task.routing_key,
                                           mandatory=True)
     asyncio.run(send())
     return task_id

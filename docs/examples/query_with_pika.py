@@ -21,7 +21,7 @@ import pika
 REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to: no reply queue to declare
 
 
-def call(channel, prefix: str, method: str, params: dict, timeout: float = 10.0):
+def call(channel, prefix: str, method: str, params: dict, user: str, timeout: float = 10.0):
     """One request to ``<prefix>.rpc``; returns the reply's ``result`` (raises on ``ok: false``)."""
     correlation_id = uuid.uuid4().hex
     replies = {}
@@ -36,6 +36,7 @@ def call(channel, prefix: str, method: str, params: dict, timeout: float = 10.0)
         body=json.dumps({"v": 1, "method": method, "params": params}).encode(),
         properties=pika.BasicProperties(content_type="application/json", reply_to=REPLY_TO,
                                         correlation_id=correlation_id,
+                                        user_id=user,  # who asks: output only for its owner and admins
                                         expiration=str(int(timeout * 1000))),  # not answered after we gave up
         mandatory=True)  # if no host ever declared the queue: UnroutableError (confirms are on)
     deadline = time.monotonic() + timeout
@@ -57,17 +58,19 @@ def main() -> int:
     parser.add_argument("what", choices=["status", "stdout", "stderr"])
     parser.add_argument("task_ids", nargs="+", type=int)
     options = parser.parse_args()
-    connection = pika.BlockingConnection(pika.URLParameters(options.url))
+    parameters = pika.URLParameters(options.url)
+    user = parameters.credentials.username  # the only user_id the broker lets this connection send
+    connection = pika.BlockingConnection(parameters)
     channel = connection.channel()
     channel.confirm_delivery()
     try:
         if options.what == "status":
-            print(json.dumps(call(channel, options.prefix, "status", {"task_ids": options.task_ids}), indent=2))
+            print(json.dumps(call(channel, options.prefix, "status", {"task_ids": options.task_ids}, user), indent=2))
         else:
             offset = 0
             while True:  # pages of at most 4 MiB until the stored size is reached
                 page = call(channel, options.prefix, "output",
-                            {"task_id": options.task_ids[0], "stream": options.what, "offset": offset})
+                            {"task_id": options.task_ids[0], "stream": options.what, "offset": offset}, user)
                 data = base64.b64decode(page["data"])
                 sys.stdout.buffer.write(data)
                 offset += len(data)

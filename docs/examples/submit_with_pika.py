@@ -62,7 +62,10 @@ def main() -> int:
     try:
         channel.basic_publish(
             exchange=f"{prefix}.tasks", routing_key=options.target, body=json.dumps(task).encode(),
-            properties=pika.BasicProperties(content_type="application/json", delivery_mode=2),
+            # user_id: who we are, as the broker checks it (it refuses any other user than the one
+            # we logged in as); runners refuse a task without it, and it, not "user", is the owner.
+            properties=pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                            user_id=pika.URLParameters(options.url).credentials.username),
             mandatory=True)
     except pika.exceptions.UnroutableError:
         print(f"unknown node {options.target!r}: no runner has bound that key", file=sys.stderr)

@@ -12,6 +12,7 @@ generated, not edited, so they are overwritten; what was written is printed.
 
 The unit texts live here and nowhere else; ``deploy/systemd/`` holds copies rendered for
 an install in ``/opt/hakuriver`` (a test keeps them equal).
+``hakuriver.init user add|list|remove`` makes broker users (:mod:`hakuriver.admin.users`).
 Exit codes: 0 done, 1 the file exists (config without ``--force``) or cannot be written.
 """
 
@@ -107,7 +108,7 @@ def _systemd_command_line(argv: list[str]) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Write a default config file, or systemd units for the host and runner."""
+    """Write a default config file or systemd units; make broker users."""
 
 
 @main.command()
@@ -155,6 +156,89 @@ def service(roles: tuple[str, ...], output_dir: str, config_file: str, node: str
         click.echo(f"note: {config_path} does not exist yet; "
                    f"write it with: hakuriver.init config --output {config_path}", err=True)
     click.echo(f"then: systemctl daemon-reload && systemctl enable --now {units}", err=True)
+
+
+@main.group()
+def user() -> None:
+    """Broker users: one per person (their identity) and per service, through rabbitmqctl."""
+
+
+def _prefix_and_url(config_file: str | None) -> tuple[str, str]:
+    from hakuriver.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return config.broker.prefix, config.broker.url
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password", metavar="PW", help="Its password (default: a random one, printed).")
+@click.option("--admin", is_flag=True, help="A person who may kill and read every task ([security] admins).")
+@click.option("--runner", "service", flag_value="runner", help="A runner's service account.")
+@click.option("--host", "service", flag_value="host", help="The host's service account.")
+@click.option("--vhost", default="", help="Broker vhost (default: the config's broker URL's).")
+@click.option("--config", "config_file", metavar="FILE", help="Config whose [broker] prefix to grant.")
+def user_add(name: str, password: str | None, admin: bool, service: str | None, vhost: str,
+             config_file: str | None) -> None:
+    """Make broker user NAME with least-privilege permissions for the configured prefix."""
+    from urllib.parse import unquote, urlsplit
+
+    from hakuriver.admin import users
+
+    if admin and service:
+        raise click.UsageError("--admin is for people, not with --runner/--host")
+    prefix, url = _prefix_and_url(config_file)
+    parts = urlsplit(url)
+    vhost = vhost or unquote(parts.path[1:]) or "/"
+    try:
+        password = users.add(name, password, prefix, vhost, service=service is not None)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    kind = f"{service} service account" if service else ("admin" if admin else "user")
+    click.echo(f"made {kind} {name!r} for prefix {prefix!r} in vhost {vhost!r}", err=True)
+    host = parts.hostname or "127.0.0.1"
+    port = f":{parts.port}" if parts.port else ""
+    path = parts.path or "/"
+    click.echo("put this in its config ([broker] url, or HAKURIVER_BROKER_URL), readable by it alone:", err=True)
+    click.echo(f'[broker]\nurl = "{parts.scheme}://{name}:{password}@{host}{port}{path}"')
+    if service:
+        click.echo(f"and add {name!r} to [security] service_accounts of the host and every runner "
+                   f"(unless they all share this one account)", err=True)
+    if admin:
+        click.echo(f"and add {name!r} to [security] admins of the host and every runner", err=True)
+
+
+@user.command("list")
+@click.option("--config", "config_file", metavar="FILE", help="Config whose [broker] prefix to list.")
+def user_list(config_file: str | None) -> None:
+    """The broker users made by `user add` for the configured prefix."""
+    from hakuriver.admin import users
+
+    prefix, _ = _prefix_and_url(config_file)
+    try:
+        found = users.accounts(prefix)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    for account in found:
+        click.echo(f"{account.name}\t{'service' if account.service else 'user'}")
+
+
+@user.command("remove")
+@click.argument("name")
+@click.option("--config", "config_file", metavar="FILE", help="Config whose [broker] prefix to look in.")
+def user_remove(name: str, config_file: str | None) -> None:
+    """Delete broker user NAME (only one made by `user add` for this prefix)."""
+    from hakuriver.admin import users
+
+    prefix, _ = _prefix_and_url(config_file)
+    try:
+        users.remove(name, prefix)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {name!r}", err=True)
 
 
 def _write(path: Path, text: str) -> None:

@@ -446,7 +446,8 @@ class Ledger:
         return tasks
 
     async def list_tasks(self, state: str | None = None, node: str | None = None, batch: int | None = None,
-                         limit: int = DEFAULT_LIST_LIMIT, before: int | None = None) -> list[dict[str, Any]]:
+                         limit: int = DEFAULT_LIST_LIMIT, before: int | None = None,
+                         user: str | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` summaries (:func:`task_summary`), newest first. ``before``: only tasks
         older than this id (the smallest id of the previous page), so a caller can page through
         all of them. ``limit`` may be one over MAX_LIST_LIMIT: the query asks for one row more
@@ -460,6 +461,8 @@ class Ledger:
             query = query.where(tasks_table.c.node == node)
         if batch is not None:
             query = query.where(tasks_table.c.batch_id == batch)
+        if user is not None:
+            query = query.where(tasks_table.c.user == user)
         if before is not None:
             query = query.where(tasks_table.c.task_id < before)
         async with self.engine.connect() as conn:
@@ -471,6 +474,14 @@ class Ledger:
             query = query.where(nodes_table.c.name == name)
         async with self.engine.connect() as conn:
             return [node_dict(row) for row in await conn.execute(query)]
+
+    async def owner(self, task_id: int) -> str:
+        """The task's owner (its broker-checked user); :class:`UnknownTask` if there is no such task."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(tasks_table.c.user).where(tasks_table.c.task_id == task_id))).first()
+        if row is None:
+            raise UnknownTask(task_id)
+        return row[0] or ""
 
     async def read_output(self, task_id: int, stream: str, offset: int = 0,
                           length: int = MAX_READ_BYTES) -> OutputSlice:

@@ -11,11 +11,11 @@ import asyncio
 import base64
 import json
 import logging
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hakuriver import __version__
+from hakuriver import __version__, identity
 from hakuriver.bounds import INT64, LIST_PAGE_BYTES, MAX_LIST_LIMIT, MAX_READ_BYTES
 from hakuriver.host.ledger import Ledger, OutputMissing, UnknownTask
 from hakuriver.messages import RpcReply, one_line
@@ -41,6 +41,7 @@ class ListTasksParams(_Params):
     state: TaskState | None = None
     node: str | None = None
     batch: TaskId | None = None
+    user: str | None = None
     limit: int = Field(default=50, ge=1, le=MAX_LIST_LIMIT)
     before: TaskId | None = None
 
@@ -96,18 +97,22 @@ def list_page(tasks: list[dict[str, Any]], more: bool, max_bytes: int = LIST_PAG
 class Queries:
     """Answers RPC methods from the ledger; ``counters()`` gives the service's ingestion figures."""
 
-    def __init__(self, ledger: Ledger, changes: LedgerChanges, counters: Callable[[], dict[str, int]]):
+    def __init__(self, ledger: Ledger, changes: LedgerChanges, counters: Callable[[], dict[str, int]],
+                 admins: Iterable[str] = ()):
         self.ledger = ledger
         self.changes = changes
         self.counters = counters
+        self.admins = frozenset(admins)
 
-    async def handle(self, method: str, params: dict[str, Any]) -> RpcReply:
-        """Answer one query; every failure becomes ``ok=false`` with a message."""
+    async def handle(self, method: str, params: dict[str, Any], user: str | None = None) -> RpcReply:
+        """Answer one query of ``user`` (the request's broker-checked ``user_id``; None: nobody
+        vouched for); every failure becomes ``ok=false`` with a message. Who runs what is
+        everyone's to see; a task's output and env values only its owner's and the admins'."""
         handler = getattr(self, f"_rpc_{method}", None)
         if handler is None:
             return RpcReply(ok=False, error=f"unknown method {method!r}")
         try:
-            return RpcReply(ok=True, result=await handler(params))
+            return RpcReply(ok=True, result=await handler(params, user))
         except ValidationError as exc:
             return RpcReply(ok=False, error=f"bad params for {method}: {one_line(exc)}")
         except (UnknownTask, OutputMissing, ValueError) as exc:
@@ -116,21 +121,23 @@ class Queries:
             log.exception("RPC %s failed", method)
             return RpcReply(ok=False, error=f"internal error in {method}: {one_line(exc)}")
 
-    async def _rpc_status(self, params: dict) -> dict:
+    async def _rpc_status(self, params: dict, user: str | None) -> dict:
         query = StatusParams.model_validate(params)
-        return {"tasks": await self.ledger.get_tasks(query.task_ids)}
+        tasks = await self.ledger.get_tasks(query.task_ids)
+        return {"tasks": [identity.hide_env(task, user, self.admins) for task in tasks],
+                "admin": bool(user) and user in self.admins}   # the client's kill asks this first
 
-    async def _rpc_list_tasks(self, params: dict) -> dict:
+    async def _rpc_list_tasks(self, params: dict, user: str | None) -> dict:
         query = ListTasksParams.model_validate(params)
         tasks = await self.ledger.list_tasks(state=query.state, node=query.node, batch=query.batch,
-                                             limit=query.limit + 1, before=query.before)
+                                             limit=query.limit + 1, before=query.before, user=query.user)
         return list_page(tasks[:query.limit], more=len(tasks) > query.limit)
 
-    async def _rpc_list_nodes(self, params: dict) -> dict:
+    async def _rpc_list_nodes(self, params: dict, user: str | None) -> dict:
         _Params.model_validate(params)
         return {"nodes": await self.ledger.list_nodes()}
 
-    async def _rpc_health(self, params: dict) -> dict:
+    async def _rpc_health(self, params: dict, user: str | None) -> dict:
         query = HealthParams.model_validate(params)
         nodes = await self.ledger.list_nodes(query.node)
         if query.node is not None and not nodes:
@@ -139,8 +146,11 @@ class Queries:
                 "host": {"version": __version__, "database": self.ledger.dialect,
                          **self.counters()}}
 
-    async def _rpc_output(self, params: dict) -> dict:
+    async def _rpc_output(self, params: dict, user: str | None) -> dict:
         query = OutputParams.model_validate(params)
+        owner = await self.ledger.owner(query.task_id)
+        if (why := identity.refusal(user, query.task_id, owner, self.admins)) is not None:
+            raise ValueError(why)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + query.wait
         while True:

@@ -34,7 +34,7 @@ import click
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from hakuriver import broker
+from hakuriver import broker, identity
 from hakuriver.cli_options import config_option
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.host.ingest import Ingested, Malformed, parse_event
@@ -76,7 +76,10 @@ class Host:
         self.events_applied = 0       # state transitions the ledger took
         self.messages_ingested = 0    # every valid ledger-queue message stored
         self.changes = LedgerChanges()       # ingestion → "output" waiters
-        self.queries = Queries(self.ledger, self.changes, self._counters)
+        self.queries = Queries(self.ledger, self.changes, self._counters, admins=config.security.admins)
+        # whose events are believed (hakuriver.identity): the runners' and this host's broker users
+        self.user = identity.broker_user(config.broker.url)
+        self.services = identity.service_accounts(config.broker.url, config.security.service_accounts)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._connection = None
         self._rpc_channel: AbstractChannel | None = None
@@ -148,7 +151,8 @@ class Host:
         log.info("host reconnected to the broker")
 
     async def _publish_event(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
-        await self._exchanges.events.publish(broker.persistent(body, headers), routing_key=key, mandatory=False)
+        await self._exchanges.events.publish(broker.persistent(body, headers, user_id=self.user),
+                                             routing_key=key, mandatory=False)
 
     async def _connect(self, retry: bool):
         delay = 1.0
@@ -243,8 +247,12 @@ class Host:
         await self._settle(usable[-1])
 
     def _parse(self, message: AbstractIncomingMessage, into: Ingested | None = None) -> Ingested:
+        from_tasks = message.exchange == self.topo.tasks
+        if not from_tasks and message.user_id not in self.services:
+            raise Malformed(f"event from {message.user_id or identity.NO_USER!r}, which is no service account "
+                            f"([security] service_accounts)")
         return parse_event(message.routing_key or "", message.headers, message.body,
-                           from_tasks=message.exchange == self.topo.tasks, into=into)
+                           from_tasks=from_tasks, into=into, owner=message.user_id)
 
     async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
         # The database or disk is unavailable: hand everything back and slow down.
@@ -344,7 +352,7 @@ class Host:
         except ValueError as exc:
             reply = RpcReply(ok=False, error=f"bad request: {one_line(exc)}")
         else:
-            reply = await self.queries.handle(request.method, request.params)
+            reply = await self.queries.handle(request.method, request.params, message.user_id)
         try:
             await self._rpc_channel.default_exchange.publish(
                 aio_pika.Message(reply.to_bytes(), content_type="application/json",

@@ -36,6 +36,8 @@ class RunSpec:
     local_temp_dir: str = ""
     cwd: str | None = None              # host tasks: None = their own directory under local temp
     gpus: list[str] = field(default_factory=list)  # containers: Docker device ids of the task's GPUs
+    account: Any = None                 # runner.accounts.Account the task runs as; None: the runner's own
+    container_user: str | None = None   # container tasks: Docker's "User" (uid:gid), None: the image's
 
 
 @dataclass

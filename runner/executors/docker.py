@@ -456,6 +456,7 @@ class DockerExecutor(Executor):
             "AttachStdin": False, "AttachStdout": False, "AttachStderr": False,
             "OpenStdin": False, "Tty": False,
             "HostConfig": host_config,
+            **({"User": spec.container_user} if spec.container_user else {}),
         }
 
     @staticmethod

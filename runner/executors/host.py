@@ -75,9 +75,11 @@ def base_environment() -> dict[str, str]:
     return dict(_base())
 
 
-def task_environment(own: dict[str, str], workdir: Path) -> dict[str, str]:
-    """The base, ``PWD``, then the task's own variables (``HAKURIVER_*``, the user's ``--env``)."""
-    return {**base_environment(), "PWD": str(workdir), **own}
+def task_environment(own: dict[str, str], workdir: Path, account: Any = None) -> dict[str, str]:
+    """The base (with ``account``'s ``HOME``, ``USER``, ``LOGNAME`` when the task runs as one),
+    ``PWD``, then the task's own variables (``HAKURIVER_*``, the user's ``--env``)."""
+    person = {} if account is None else {"HOME": account.home, "USER": account.name, "LOGNAME": account.name}
+    return {**base_environment(), **person, "PWD": str(workdir), **own}
 
 
 def task_workdir(task_id: int, spec: RunSpec) -> Path:
@@ -112,7 +114,7 @@ class HostProcesses:
         "not found" into exit 127 instead of a start failure.
         """
         workdir = task_workdir(task.task_id, spec)
-        _resolve(task.command, task_environment(spec.env, workdir), workdir)
+        _resolve(task.command, task_environment(spec.env, workdir, spec.account), workdir)
 
     async def spawn(self, task: Task, spec: RunSpec, launch: Launch, executor: str) -> Handle:
         """Start ``launch.argv`` in the task's working directory and environment; its handle.
@@ -125,9 +127,12 @@ class HostProcesses:
         if made:
             try:
                 workdir.mkdir(parents=True, exist_ok=True)
+                if spec.account is not None:  # the owner's alone: no other user's task reaches into it
+                    os.chown(workdir, spec.account.uid, spec.account.gid)
+                    workdir.chmod(0o700)
             except OSError as exc:
                 raise StartFailed(f"cannot make the working directory {workdir}: {exc.strerror or exc}") from None
-        env = task_environment(spec.env, workdir)
+        env = task_environment(spec.env, workdir, spec.account)
         try:
             proc = await _exec(launch.argv, env, workdir, spec, launch.preexec)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:

@@ -54,6 +54,7 @@ import sys
 from typing import Any
 
 from hakuriver.messages import Task
+from runner.accounts import setpriv_argv
 from runner.cgroups import DEFAULT_PARENT, DEFAULT_ROOT, TaskCgroup, attach, open_cgroups
 from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec
 from runner.executors.host import SHELL, HostProcesses, Launch, affinity_setter, stop_with_grace
@@ -164,7 +165,7 @@ class ProcessExecutor(Executor):
         """The task's cgroup (made now, limits set) and the command line that joins it."""
         cgroup, unenforced = self.cgroups.create(
             str(task.task_id), memory=task.memory, cores=task.cores, cpus=spec.cpus, mems=spec.mems)
-        launch = Launch(argv=[task.command, *task.args], unenforced=unenforced,
+        launch = Launch(argv=setpriv_argv(spec.account, [task.command, *task.args]), unenforced=unenforced,
                         data={"cgroup": cgroup.to_data() if cgroup else None, "memory": task.memory})
         if "cpuset" in unenforced:
             unenforced.remove("cpuset")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from hakuriver.messages import Task
+from runner.accounts import setpriv_argv
 from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec
 from runner.executors.host import HostProcesses, Launch, affinity_setter, stop_with_grace
 from runner.numa import SYS_NODE_ROOT, detect_topology, format_cpulist
@@ -74,7 +75,7 @@ def systemd_run_argv(task: Task, spec: RunSpec, *, unit_prefix: str = DEFAULT_UN
         properties.append(f"CPUQuota={cpu_quota(task.cores)}")
     if task.memory is not None:
         properties += [f"MemoryMax={task.memory}", "MemorySwapMax=0"]
-    command = [task.command, *task.args]
+    command = setpriv_argv(spec.account, [task.command, *task.args])
     if cpuset:
         if spec.cpus:
             properties.append(f"AllowedCPUs={format_cpulist(spec.cpus)}")

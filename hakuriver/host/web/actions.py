@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractExchange
 
 from hakuriver import broker
 from hakuriver.messages import Kill
+from hakuriver.rpc import connection_user
 from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY
 
@@ -29,7 +30,10 @@ async def send_kill(control: AbstractExchange, task: dict[str, Any], user: str) 
     """The same Kill control message the CLI sends, to the task's node; to every node
     (``all``) while it has none, or if its node's control queue is gone."""
     node = task.get("node") or ALL_NODES_KEY
-    body = broker.persistent(Kill(task_id=task["task_id"], user=user).to_bytes())
+    # Sent as the host's own (service) account, which runners believe: the dashboard checked
+    # ``user`` against the owner-or-admin rule before calling this.
+    body = broker.persistent(Kill(task_id=task["task_id"], user=user).to_bytes(),
+                             user_id=connection_user(control.channel))
     result = await control.publish(body, routing_key=node, mandatory=True)
     if hasattr(result, "delivery") and node != ALL_NODES_KEY:   # returned: no queue bound to the node
         node = ALL_NODES_KEY

@@ -7,8 +7,9 @@ with the given name and password, and the broker's answer is the check. A signed
 session is a cookie ``user|expiry|signature`` (HMAC-SHA256 with ``[web] secret``, or a
 secret made at host start, which signs everyone out at every restart).
 
-Until the broker identity of task owners is in place, ``[web] allow_actions_without_login``
-lets anyone act; without it, actions need a signed-in user.
+A task's recorded owner is the broker user that submitted it (its AMQP ``user_id``), so the
+name a person signs in with is the name that owns their tasks. ``[web] allow_actions_without_login``
+lets anyone act (for a cluster without per-person accounts); without it, actions need a signed-in user.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import aio_pika
 from yarl import URL
 
-from hakuriver import broker
+from hakuriver import broker, identity
 
 COOKIE = "hakuriver_session"
 SESSION_SECONDS = 12 * 3600
@@ -30,10 +31,9 @@ LOGIN_TIMEOUT = 5.0
 
 
 def may_control(user: str | None, task: dict[str, Any], admins: list[str] | tuple[str, ...]) -> bool:
-    """The action rule, shared by every action: the task's owner (its recorded ``user``) or an admin."""
-    if not user:
-        return False
-    return user in admins or (bool(task.get("user")) and task.get("user") == user)
+    """The action rule, shared by every action: the task's owner (its recorded ``user``, the broker user
+    that submitted it: :mod:`hakuriver.identity`) or an admin; the same rule as the CLI's and the runners'."""
+    return identity.may_act(user, task.get("user"), admins)
 
 
 def action_refusal(user: str | None, task: dict[str, Any], admins: list[str], without_login: bool) -> str | None:
