@@ -156,7 +156,7 @@ def test_the_runner_refuses_a_pause_of_a_task_that_is_not_running(cluster):
     """A pause sent straight to the runner (no client check) for a finished task changes nothing."""
     import asyncio
 
-    from hakuriver import broker
+    from hakuriver import broker, identity
     from hakuriver.topology import Topology
 
     task_id = int(cluster.cli_ok("--wait", "--target", "node1", "--container", "NULL", "--", "true"))
@@ -167,7 +167,9 @@ def test_the_runner_refuses_a_pause_of_a_task_that_is_not_running(cluster):
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchanges = await broker.declare_exchanges(channel, Topology(cluster.prefix))
-            await exchanges.control.publish(broker.persistent(Kill(task_id=task_id, action="pause").to_bytes()),
+            # as the cluster's broker user (an admin there): the runner believes only authenticated controls
+            pause = Kill(task_id=task_id, action="pause").to_bytes()
+            await exchanges.control.publish(broker.persistent(pause, user_id=identity.broker_user(cluster.broker_url)),
                                             routing_key="node1")
     asyncio.run(send())
     # a task submitted after the pause runs: the runner has handled the control message by then
