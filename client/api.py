@@ -38,6 +38,7 @@ from hakuriver.config import Config
 from hakuriver.messages import Kill, MessageTooLarge, NodeInfo, OutputChunk, StateEvent, Task, one_line
 from hakuriver.sizes import format_size
 from hakuriver.states import TaskState
+from hakuriver.tls import client_ssl_context
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology, parse_target
 
 PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.<kind> and filters
@@ -105,7 +106,8 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self._connection = await broker.connect(self.config.broker.url, "hakuriver.client")
+        self._connection = await broker.connect(self.config.broker.url, "hakuriver.client",
+                                                ssl_context=client_ssl_context(self.config.broker))
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._rpc = rpc.RpcClient(self._channel, self.topo, user_id=self.user)
 

@@ -82,7 +82,7 @@ def run(request: Request) -> int:
         return EXIT_USAGE
     try:
         return asyncio.run(_run(config, request))
-    except BadRequest as exc:
+    except (BadRequest, ConfigError) as exc:  # ConfigError: a [broker] TLS file that is no certificate
         _say(f"hakuriver.client: {exc}")
         return EXIT_USAGE
     except NotYours as exc:  # someone else's task: a refusal, not bad input

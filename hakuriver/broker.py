@@ -9,12 +9,14 @@ broker's confirm; events that nobody may be bound to are published non-mandatory
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from hakuriver.connection import connect_any, redact, split_urls
+from hakuriver.tls import describe_failure
 from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 
 log = logging.getLogger(__name__)
@@ -27,19 +29,25 @@ class BrokerUnreachable(Exception):
     """The broker could not be reached; the CLI turns this into exit code 3."""
 
 
-async def connect(url: str, name: str, timeout: float = 10.0):
+async def connect(url: str, name: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None):
     """Open a robust connection named ``name`` (shown in the management UI).
 
     ``url`` is ``[broker] url``: one address or several separated by commas; the
     connection uses the first that answers and moves to the next on loss
-    (:mod:`hakuriver.connection`)."""
+    (:mod:`hakuriver.connection`). ``ssl_context``: :func:`hakuriver.tls.client_ssl_context`
+    of the process's ``[broker]`` section (None for ``amqp://``)."""
     urls = split_urls(url)
     try:
         return await connect_any(urls, timeout=timeout, reconnect_interval=RECONNECT_INTERVAL_S,
-                                 client_properties={"connection_name": name})
+                                 client_properties={"connection_name": name}, ssl_context=ssl_context)
     except (OSError, ConnectionError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-        where = ", ".join(redact(u) for u in urls)
-        raise BrokerUnreachable(f"broker unreachable at {where}: {exc or type(exc).__name__}") from None
+        raise BrokerUnreachable(unreachable_message(urls, exc)) from None
+
+
+def unreachable_message(urls: list[str], exc: BaseException) -> str:
+    """One line: which addresses did not answer, and why (a TLS refusal said as such)."""
+    where = ", ".join(redact(u) for u in urls)
+    return f"broker unreachable at {where}: {describe_failure(exc) or exc or type(exc).__name__}"
 
 
 class Exchanges:

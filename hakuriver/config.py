@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hakuriver.sizes import parse_size
 
@@ -35,6 +35,22 @@ class BrokerConfig(_Section):
     url: str = "amqp://guest:guest@127.0.0.1:5672/"   # or several, comma-separated: the nodes of a cluster
     prefix: str = "hakuriver"
     queue_type: Literal["classic", "quorum"] = "classic"  # quorum: durable queues replicated over a cluster
+    ca_file: str = ""     # amqps://: CA certificate(s) the broker's must chain to; "" = the system's
+    cert_file: str = ""   # amqps://: this process's client certificate, for brokers that ask for one
+    key_file: str = ""    # its private key ("" = in cert_file)
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable_file(cls, value: str) -> str:
+        if value and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {value!r} ({'no such file' if not os.path.exists(value) else 'no permission'})")
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> "BrokerConfig":
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file is set but cert_file is not (the key of which certificate?)")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -263,6 +279,9 @@ DEFAULT_CONFIG_TEXT = '''\
 url = "amqp://guest:guest@127.0.0.1:5672/"   # amqps:// for TLS; a cluster: "amqp://a/,amqp://b/,amqp://c/"
 prefix = "hakuriver"                          # every exchange and queue name starts with this
 queue_type = "classic"                        # "quorum" on a broker cluster (the same on every machine)
+ca_file = ""               # amqps://: the CA file the broker's certificate is checked against; "" = system CAs
+cert_file = ""             # amqps://: a client certificate, where the broker asks for one
+key_file = ""              # its private key; "" = in cert_file
 
 [node]
 name = ""                  # this runner's node name; "" = the machine's hostname

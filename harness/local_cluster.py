@@ -35,8 +35,8 @@ def unique_prefix(stem: str = "hkt") -> str:
     return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
-async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL) -> None:
-    """Delete every exchange and queue that a cluster under ``prefix`` declares."""
+async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL, ssl_context=None) -> None:
+    """Delete every exchange and queue that a cluster under ``prefix`` declares (``ssl_context``: amqps://)."""
     import aio_pika
 
     from hakuriver.topology import Topology
@@ -45,7 +45,7 @@ async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL) ->
     queues = [topo.ledger, topo.rpc, topo.pool, topo.dead]
     for node in nodes:
         queues += [topo.node_queue(node), topo.control_queue(node), topo.nodeinfo_queue(node)]
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(url, ssl_context=ssl_context)
     async with connection:
         for name in queues:
             channel = await connection.channel()
@@ -206,7 +206,10 @@ class Cluster:
         for name in list(self.processes):
             self.stop_process(name)
         try:
-            asyncio.run(delete_prefix(self.prefix, self.nodes, url=self.broker_url))
+            from hakuriver.tls import client_ssl_context
+
+            context = client_ssl_context(self.load_config().broker)
+            asyncio.run(delete_prefix(self.prefix, self.nodes, url=self.broker_url, ssl_context=context))
         except Exception as exc:  # never let clean-up hide what the test or benchmark found
             print(f"could not delete broker prefix {self.prefix}: {exc}", file=sys.stderr)
         from runner.cgroups import open_cgroups

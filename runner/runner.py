@@ -37,6 +37,7 @@ from hakuriver import broker, identity
 from hakuriver.config import Config
 from hakuriver.messages import Heartbeat, Kill, NodeInfo, Task, one_line
 from hakuriver.states import TaskState
+from hakuriver.tls import client_ssl_context
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
 from runner import accounts
 from runner.admission import Admission, Capacity
@@ -113,7 +114,8 @@ class Runner:
     # ---- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._connection = await broker.connect(self.config.broker.url, f"hakuriver.runner {self.node}")
+        self._connection = await broker.connect(self.config.broker.url, f"hakuriver.runner {self.node}",
+                                                ssl_context=client_ssl_context(self.config.broker))
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self.exchanges = await broker.declare_exchanges(self._publish_channel, self.topo)
         await broker.declare_ledger_queue(self._publish_channel, self.topo, self.exchanges)

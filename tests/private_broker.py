@@ -10,6 +10,9 @@ config file (a low ``consumer_timeout``, checked every second), none of it touch
     broker.restart_app()              # rabbitmqctl stop_app + start_app; returns the time it accepts again
     broker.stop()
 
+    PrivateBroker(root, tls=(ca, cert, key))   # also an amqps:// listener (broker.tls_port) that
+                                               # demands a client certificate signed by ca
+
 The node runs as the current user (root in CI) through ``/usr/lib/rabbitmq/bin``:
 the ``/usr/sbin`` wrappers would switch to the ``rabbitmq`` user, which cannot
 read a pytest temporary directory.
@@ -48,9 +51,12 @@ def accepts_connections(port: int) -> bool:
 
 
 class PrivateBroker:
-    def __init__(self, root: Path, consumer_timeout_ms: int = CONSUMER_TIMEOUT_MS):
+    def __init__(self, root: Path, consumer_timeout_ms: int = CONSUMER_TIMEOUT_MS,
+                 tls: tuple[Path, Path, Path] | None = None):
         self.root = root
         self.port = free_port()
+        self.tls = tls                                   # (CA, server certificate, server key)
+        self.tls_port = free_port() if tls else None
         self.dist_port = free_port()
         self.nodename = f"hk-faults-{uuid.uuid4().hex[:8]}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
@@ -88,12 +94,24 @@ class PrivateBroker:
             f"consumer_timeout = {self.consumer_timeout_ms}\n"
             "loopback_users.guest = true\n"
             "log.console = false\n"
-            "log.file.level = info\n")
+            "log.file.level = info\n"
+            + self._tls_lines())
         # Channels check their consumer timeout on a tick, once a minute by default: a
         # 20 s timeout would then fire anywhere between 20 s and 80 s. Tick each second.
         (self.root / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq-env.conf").write_text("")
+
+    def _tls_lines(self) -> str:
+        if self.tls is None:
+            return ""
+        ca, cert, key = self.tls
+        return (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {ca}\n"
+                f"ssl_options.certfile = {cert}\n"
+                f"ssl_options.keyfile = {key}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = true\n")
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-n", self.nodename, *args], env=self.env,
@@ -109,7 +127,7 @@ class PrivateBroker:
     def wait_accepting(self, timeout: float = 60) -> float:
         """Wait until the AMQP port answers; returns that moment (time.monotonic())."""
         deadline = time.monotonic() + timeout
-        while not accepts_connections(self.port):
+        while not (accepts_connections(self.port) and (self.tls_port is None or accepts_connections(self.tls_port))):
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"private RabbitMQ exited ({self.process.returncode}); see {self.root}/log")
             if time.monotonic() > deadline:

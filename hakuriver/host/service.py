@@ -43,6 +43,7 @@ from hakuriver.host.queries import LedgerChanges, Queries
 from hakuriver.host.web import WebContext, WebServer
 from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line
 from hakuriver.outbox import Outbox
+from hakuriver.tls import client_ssl_context
 from hakuriver.topology import Topology
 
 log = logging.getLogger("hakuriver.host")
@@ -156,9 +157,10 @@ class Host:
 
     async def _connect(self, retry: bool):
         delay = 1.0
+        context = client_ssl_context(self.config.broker)  # a bad file is no reason to retry
         while True:
             try:
-                return await broker.connect(self.config.broker.url, "hakuriver-host")
+                return await broker.connect(self.config.broker.url, "hakuriver-host", ssl_context=context)
             except broker.BrokerUnreachable as exc:
                 if not retry:
                     raise
@@ -401,6 +403,9 @@ def main(config_file: str | None, verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # a [broker] TLS file that is no certificate
+        click.echo(f"hakuriver.host: {exc}", err=True)
+        sys.exit(2)
     except (SQLAlchemyError, OSError) as exc:
         click.echo(f"hakuriver.host: cannot open the ledger: {one_line(exc)}", err=True)
         sys.exit(1)

@@ -112,7 +112,7 @@ class Dashboard:
 
     async def _broker_accepts(self, user: str, password: str) -> bool:
         try:
-            return await broker_accepts(self.ctx.config.broker.url, user, password)
+            return await broker_accepts(self.ctx.config.broker, user, password)
         except BrokerUnreachable as exc:
             raise _api_error(503, str(exc))
 
@@ -203,7 +203,7 @@ class Dashboard:
         user, password = str(form.get("user", "")), str(form.get("password", ""))
         target = _local_path(str(form.get("next", "")))
         try:
-            accepted = await broker_accepts(self.ctx.config.broker.url, user, password)
+            accepted = await broker_accepts(self.ctx.config.broker, user, password)
         except BrokerUnreachable as exc:
             return _page(pages.login(None, target, str(exc)), 503)
         if not accepted:

@@ -18,12 +18,17 @@ import hashlib
 import hmac
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 from yarl import URL
 
 from hakuriver import broker, identity
+from hakuriver.connection import split_urls
+from hakuriver.tls import client_ssl_context, describe_failure
+
+if TYPE_CHECKING:
+    from hakuriver.config import BrokerConfig
 
 COOKIE = "hakuriver_session"
 SESSION_SECONDS = 12 * 3600
@@ -74,17 +79,26 @@ class Sessions:
         return user or None
 
 
-async def broker_accepts(broker_url: str, user: str, password: str) -> bool:
-    """Does the broker at ``broker_url`` (its host, port and vhost) take ``user``/``password``?"""
+async def broker_accepts(broker_config: BrokerConfig, user: str, password: str) -> bool:
+    """Does the broker of ``[broker]`` (its addresses, vhost and TLS settings) take ``user``/``password``?
+
+    The first address that answers decides (a broker cluster shares its users)."""
     if not user or not password or "|" in user:
         return False
-    url = URL(broker_url).with_user(user).with_password(password)
-    try:
-        connection = await aio_pika.connect(str(url), timeout=LOGIN_TIMEOUT,
-                                            client_properties={"connection_name": "hakuriver-web-login"})
-    except aio_pika.exceptions.ProbableAuthenticationError:
-        return False
-    except (OSError, ConnectionError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-        raise broker.BrokerUnreachable(f"cannot check the sign-in with the broker: {exc or type(exc).__name__}")
-    await connection.close()
-    return True
+    context = client_ssl_context(broker_config)
+    urls = split_urls(broker_config.url)
+    for url in urls:
+        try:
+            connection = await aio_pika.connect(str(URL(url).with_user(user).with_password(password)),
+                                                timeout=LOGIN_TIMEOUT, ssl_context=context,
+                                                client_properties={"connection_name": "hakuriver-web-login"})
+        except aio_pika.exceptions.ProbableAuthenticationError:
+            return False
+        except (OSError, ConnectionError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            if url == urls[-1]:
+                raise broker.BrokerUnreachable("cannot check the sign-in with the broker: "
+                                               f"{describe_failure(exc) or exc or type(exc).__name__}")
+            continue
+        await connection.close()
+        return True
+    return False
