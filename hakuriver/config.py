@@ -43,7 +43,8 @@ class BrokerConfig(_Section):
     @classmethod
     def _readable_file(cls, value: str) -> str:
         if value and not os.access(value, os.R_OK):
-            raise ValueError(f"cannot read {value!r} ({'no such file' if not os.path.exists(value) else 'no permission'})")
+            why = "no permission" if os.path.exists(value) else "no such file"
+            raise ValueError(f"cannot read {value!r} ({why})")
         return value
 
     @model_validator(mode="after")

@@ -5,6 +5,10 @@ in them as :class:`~hakuriver.messages.OutputChunk` messages of at most 64 KiB,
 each tagged with its byte offset, and records the offset confirmed by the broker.
 At most ``window`` chunks are in flight, so a task that prints gigabytes keeps the
 runner's memory flat, and a restarted runner resumes at the recorded offset.
+
+The files are the task owner's (:func:`create_output_files`): mode 0600 and, where the runner
+is root, owned by the owner's uid:gid, so another user of the node cannot read what a task
+prints while it runs (the stored copy in the ledger is the owner's too).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from hakuriver.messages import MAX_CHUNK_BYTES, OutputChunk
 from hakuriver.topology import Topology
@@ -23,6 +27,19 @@ STREAMS = ("stdout", "stderr")
 PublishChunk = Callable[[str, bytes, dict], Awaitable[None]]
 # (stream, offset confirmed) -> records it durably
 RecordSent = Callable[[str, int], None]
+
+
+def create_output_files(paths: Iterable[Path], owner: tuple[int, int] | None) -> None:
+    """Make a task's output files (kept if they exist): mode 0600, owned by ``owner`` (uid, gid) when
+    given. The executors then append to them; the file keeps its owner and mode."""
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask, and a file left by an older runner too
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
 
 
 class OutputStream:

@@ -45,7 +45,7 @@ from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSp
 from runner.executors.select import available_executors, executor_for, usable
 from runner.gpus import Inventory
 from runner.numa import detect_topology
-from runner.output import OutputStream
+from runner.output import OutputStream, create_output_files
 from runner.peers import NodeView, Peers, pool_refusal
 from runner.policy import refusal
 from runner.store import RunnerStore
@@ -475,6 +475,13 @@ class Runner:
                        gpus=self.gpus.device_ids(gpus),
                        shared_dir=self.config.paths.shared_dir, local_temp_dir=self.config.paths.local_temp_dir)
 
+    @staticmethod
+    def _file_owner(spec: RunSpec) -> tuple[int, int] | None:
+        """Whose the task's output files are: its account's, where this runner (root) can give them away."""
+        if spec.account is None or os.geteuid() != 0:
+            return None
+        return spec.account.uid, spec.account.gid
+
     def _output_stream(self, task_id: int, spec: RunSpec, sent: dict[str, int] | None = None) -> OutputStream:
         return OutputStream(task_id, {"stdout": spec.stdout_path, "stderr": spec.stderr_path},
                             sent or {"stdout": 0, "stderr": 0})
@@ -489,6 +496,7 @@ class Runner:
             task.task_id: f"starting: the {executor.name} executor prepares it (a container image may be loading)"})
         try:
             try:
+                create_output_files((spec.stdout_path, spec.stderr_path), self._file_owner(spec))
                 running.starting = asyncio.ensure_future(executor.start(task, spec))
                 handle = await running.starting
             except asyncio.CancelledError:

@@ -263,6 +263,33 @@ def test_host_tasks_run_as_their_owner_and_cannot_leave_their_cgroup(owners):
     assert "Permission denied" in err or "denied" in err.lower(), err
 
 
+def test_a_tasks_output_files_on_the_runner_are_its_owners_alone(owners):
+    c, people = owners
+    (alice, alice_url), (bob, _) = people["alice"], people["bob"]
+    gate = c.root / "shared" / "gate-output"
+    submitted = cli_as(c, alice_url, "--target", "node1", "--container", "NULL", "--", "sh", "-c",
+                       f"echo secret-out; echo secret-err >&2; while [ ! -e {gate} ]; do sleep 0.05; done")
+    task_id = submitted.stdout.decode().strip()
+    assert task_id, submitted.stderr
+    c.wait_state(task_id, "running")
+    files = [c.root / "state" / "runner-node1" / "output" / f"{task_id}.{stream}" for stream in ("stdout", "stderr")]
+    wait_until(lambda: all(path.exists() and path.stat().st_size for path in files), 20, "the task's output written")
+    alice_uid, bob_uid = pwd.getpwnam(alice).pw_uid, pwd.getpwnam(bob).pw_uid
+    for path in files:
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (alice_uid, pwd.getpwnam(alice).pw_gid, 0o600)
+
+    def read_as(uid: int, path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={pwd.getpwuid(uid).pw_gid}", "--clear-groups",
+                               "cat", str(path)], capture_output=True, text=True, timeout=30)
+    assert read_as(alice_uid, files[0]).stdout == "secret-out\n"
+    refused = read_as(bob_uid, files[1])
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr and refused.stdout == ""
+    gate.touch()
+    assert c.wait_state(task_id, {"completed", "failed"})["state"] == "completed"
+    assert cli_as(c, alice_url, "--stderr", task_id).stdout == b"secret-err\n"
+
+
 def test_a_task_whose_owner_has_no_account_here_is_rejected(owners):
     c, people = owners
     # guest (the cluster's service account) is no admin in this cluster and has no "guest"

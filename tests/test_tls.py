@@ -136,8 +136,9 @@ def test_a_broker_reached_by_another_name_than_its_certificates_is_refused(tls_c
     refused = client(tls_cluster, "--list-nodes", url=tls_url(tls_broker, "127.0.0.1"))
     assert refused.returncode == 3, refused.stderr
     assert refused.stderr.count("\n") == 1
-    assert refused.stderr.endswith("TLS: the broker's certificate was refused: IP address mismatch, certificate "
-                                   "is not valid for '127.0.0.1' (the URL's host must be a name the certificate gives)\n"), refused.stderr
+    assert refused.stderr.endswith(
+        "TLS: the broker's certificate was refused: IP address mismatch, certificate is not valid for "
+        "'127.0.0.1' (the URL's host must be a name the certificate gives)\n"), refused.stderr
 
 
 def test_a_client_without_the_certificate_the_broker_demands_is_refused(tls_cluster):
