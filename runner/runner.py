@@ -567,17 +567,17 @@ class Runner:
             self.store.transition(task_id, state, exit_code=exit_code, message=message)
         else:  # decided here, once, durably with the ``retrying`` event (runner/retries.py)
             not_before = self.store.retry(running.task, following, state, exit_code, message)
-            if not_before is not None:
-                self._spawn(self._retry_later(following, not_before))
+            self._spawn(self._retry_later(following, not_before))
         running.output.remove_files()
         self.running.pop(task_id, None)
         self.admission.release(running.task)
         self._schedule_wakeup.set()
 
     async def _retry_later(self, task: Task, not_before: float) -> None:
-        """After the retry delay, the next attempt waits for room like any task (unless killed meanwhile)."""
+        """After the retry delay, the next attempt waits for room like any task, here or (a pool
+        task) in the pool; unless it was killed meanwhile."""
         await asyncio.sleep(max(0.0, not_before - time.time()))
-        if self.store.requeue(task.task_id):
+        if self.store.requeue(task):
             self.waiting.append(task)
             self._told[task.task_id] = (time.monotonic(), "")
             self._schedule_wakeup.set()

@@ -91,9 +91,12 @@ class RunnerStore:
         """Record a new task (or a new attempt of one) with its first event (``queued``, or a
         terminal one such as ``rejected``); returns the outbox row to wait on before acking the delivery."""
         with self.db:
+            if task.attempt > 1 and self.handed_on(task.task_id) and not self.holds(task):
+                # a later attempt of a pool task this runner handed back: it replaces the old row
+                self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task.task_id,))
             self._arrival += 1
             self.db.execute(
-                "INSERT OR REPLACE INTO tasks (task_id, arrival, body, state, seq, attempt) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks (task_id, arrival, body, state, seq, attempt) VALUES (?, ?, ?, ?, ?, ?)",
                 (task.task_id, self._arrival, task.model_dump_json(), TaskState.QUEUED, seq_base(task.attempt),
                  task.attempt))
             return self._event(task.task_id, state, message=message, task=task)
@@ -115,37 +118,39 @@ class RunnerStore:
         event = StateEvent(task_id=task_id, node=self.node, state=state, seq=seq, attempt=attempt, **fields)
         return self.outbox.add(self.topo.events, self.topo.state_key(task_id), event.to_bytes())
 
-    def retry(self, task: Task, following: Task, state: TaskState, exit_code: int | None, message: str) -> float | None:
+    def retry(self, task: Task, following: Task, state: TaskState, exit_code: int | None, message: str) -> float:
         """End attempt ``task.attempt`` as ``retrying`` and record ``following`` (the next attempt),
         in one transaction: the decision (runner/retries.py) is durable the moment it is made.
-
-        A task for a node waits here, ``retrying``, until the returned time, then :meth:`requeue`
-        makes it ``queued`` again. A pool task goes back to the pool through the outbox (any node
-        with room takes it; returns None): this row then only remembers which attempt was handed on."""
+        The task waits here, ``retrying``, until the returned time; then :meth:`requeue`."""
         pooled = following.target == POOL_KEY
-        now = time.time()
-        not_before = None if pooled else now + following.retry_delay
+        not_before = time.time() + following.retry_delay
         with self.db:
             self._event(task.task_id, TaskState.RETRYING, exit_code=exit_code, ended=state,
                         message=retry_message(task, state, exit_code, message))
             self.db.execute(
                 "UPDATE tasks SET body = ?, attempt = ?, seq = ?, handle = NULL, stdout_sent = 0, stderr_sent = 0, "
                 "outcome = NULL, kill_requested = 0, not_before = ?, finished_at = ? WHERE task_id = ?",
-                (following.model_dump_json(), following.attempt if not pooled else task.attempt,
-                 seq_base(following.attempt), not_before, now if pooled else None, task.task_id))
-            if pooled:
-                self.outbox.add(self.topo.tasks, POOL_KEY, following.to_bytes())
+                # a pool task's row keeps the attempt that ended here: the next is new to whoever takes it
+                (following.model_dump_json(), task.attempt if pooled else following.attempt,
+                 seq_base(following.attempt), not_before, None, task.task_id))
         return not_before
 
-    def requeue(self, task_id: int) -> bool:
-        """A ``retrying`` task's delay is over: it waits for room again (``queued``, next attempt).
+    def requeue(self, task: Task) -> bool:
+        """A ``retrying`` task's delay is over. A task for this node waits for room again (``queued``,
+        its next attempt; True). A pool task goes back to the pool through the outbox, for any node
+        with room (False): the row then only remembers which attempt was handed on.
         False, and nothing changed, if it is no longer ``retrying`` (killed meanwhile)."""
         with self.db:
-            row = self.db.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-            if row is None or row[0] != TaskState.RETRYING:
+            row = self.db.execute("SELECT state, not_before FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
+            if row is None or row[0] != TaskState.RETRYING or row[1] is None:
                 return False
-            self.db.execute("UPDATE tasks SET not_before = NULL WHERE task_id = ?", (task_id,))
-            self._event(task_id, TaskState.QUEUED, message="")
+            if task.target == POOL_KEY:
+                self.db.execute("UPDATE tasks SET not_before = NULL, finished_at = ? WHERE task_id = ?",
+                                (time.time(), task.task_id))
+                self.outbox.add(self.topo.tasks, POOL_KEY, task.to_bytes())
+                return False
+            self.db.execute("UPDATE tasks SET not_before = NULL WHERE task_id = ?", (task.task_id,))
+            self._event(task.task_id, TaskState.QUEUED, message="")
         return True
 
     def task(self, task_id: int) -> Task:

@@ -78,6 +78,19 @@ def test_always_failing_ends_failed_after_n_plus_one_attempts(cluster):
         assert out == f"out {attempt}\n".encode()
 
 
+def test_a_pool_task_is_retried_through_the_pool(cluster):
+    """No --target: the next attempt goes back to the pool, and a node with room (here the only one,
+    the same runner, which must take it as a new attempt, not as a duplicate) runs it."""
+    name = f"runs-{uuid.uuid4().hex[:8]}"
+    result = cluster.cli("--wait", "--retries", "1", "--retry-delay", "0", *_script(
+        f'echo run >> "$S/{name}"; [ "$(wc -l < "$S/{name}")" -eq 2 ] && echo ok'))
+    assert result.returncode == 0, result.stderr.decode()
+    task = cluster.task(int(result.stdout))
+    assert task["state"] == "completed" and task["target"] == "any" and task["attempt"] == 2
+    assert _runs(cluster, name) == ["run", "run"]
+    assert cluster.cli("--stdout", str(task["task_id"])).stdout == b"ok\n"
+
+
 def test_killed_is_never_retried_nor_a_task_killed_between_attempts(cluster):
     name = f"runs-{uuid.uuid4().hex[:8]}"
     task_id = cluster.cli_ok("--target", "node1", "--retries", "3", *_script(
