@@ -207,12 +207,8 @@ class Runner:
         body says (``user`` empty without one: :meth:`_refusal` rejects it); None (and the message
         dead-lettered) if it is not a valid task."""
         try:
-            task = Task.from_bytes(message.body)
-            # A service account (a runner handing a retry back to the pool, the host releasing a
-            # held task) passes on a task whose owner was checked when it was first submitted.
-            if message.user_id in self.services and task.user:
-                return task
-            return task.model_copy(update={"user": message.user_id or ""})
+            owner = identity.task_owner(message.user_id, message.headers, self.services)
+            return Task.from_bytes(message.body).model_copy(update={"user": owner})
         except ValueError as exc:
             await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
             return None

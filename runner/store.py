@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hakuriver.identity import OWNER_HEADER
 from hakuriver.messages import StateEvent, Task
 from hakuriver.outbox import Outbox
 from hakuriver.states import TaskState
@@ -147,7 +148,7 @@ class RunnerStore:
             if task.target == POOL_KEY:
                 self.db.execute("UPDATE tasks SET not_before = NULL, finished_at = ? WHERE task_id = ?",
                                 (time.time(), task.task_id))
-                self.outbox.add(self.topo.tasks, POOL_KEY, task.to_bytes())
+                self.outbox.add(self.topo.tasks, POOL_KEY, task.to_bytes(), {OWNER_HEADER: task.user})
                 return False
             self.db.execute("UPDATE tasks SET not_before = NULL WHERE task_id = ?", (task.task_id,))
             self._event(task.task_id, TaskState.QUEUED, message="")

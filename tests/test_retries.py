@@ -140,6 +140,18 @@ def test_retry_after_its_runner_was_sigkilled_runs_on_the_restarted_runner(tmp_p
         assert len(_runs(c, name)) == 2
         assert c.cli("--stdout", task_id).stdout == b"done on node1\n"
 
+        # The runner dies between two attempts (its decision is in its store): the restarted
+        # runner runs the next attempt once, after what is left of the delay; none forgotten.
+        other = f"runs-{uuid.uuid4().hex[:8]}"
+        task_id = c.cli_ok("--target", "node1", "--retries", "1", "--retry-delay", "3", *_script(
+            f'echo run >> "$S/{other}"; [ "$(wc -l < "$S/{other}")" -eq 2 ]')).strip()
+        c.wait_state(task_id, "retrying")
+        c.kill("node1", signal.SIGKILL)
+        c.start_runner("node1")
+        task = c.wait_state(task_id, "completed", timeout=60)
+        assert [a["state"] for a in task["attempts"]] == ["failed", "completed"]
+        assert _runs(c, other) == ["run", "run"]
+
 
 # ---- the rule, directly --------------------------------------------------------------
 
@@ -184,3 +196,15 @@ def test_attempt_and_retries_bounds_are_the_messages_own():
     with pytest.raises(ValueError):
         _task(retries=1, attempt=3)
     assert _task(retries=10, attempt=11).attempt == 11
+
+
+def test_a_passed_on_task_keeps_its_owner_only_from_a_service_account():
+    """A retry handed back to the pool is published by the runner's (service) user with the owner
+    in a header; the same header from anyone else is ignored: the owner is then the sender."""
+    from hakuriver.identity import OWNER_HEADER, task_owner
+
+    services = frozenset({"runner"})
+    assert task_owner("runner", {OWNER_HEADER: "ana"}, services) == "ana"
+    assert task_owner("bob", {OWNER_HEADER: "ana"}, services) == "bob"
+    assert task_owner("runner", None, services) == "runner"
+    assert task_owner(None, {OWNER_HEADER: "ana"}, services) == ""

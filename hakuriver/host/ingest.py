@@ -42,7 +42,7 @@ class Ingested:
 # -- what arrives on the ledger queue ------------------------------------------------
 
 def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, from_tasks: bool = False,
-                into: Ingested | None = None, owner: str | None = None, service: bool = False) -> Ingested:
+                into: Ingested | None = None, owner: str | None = None) -> Ingested:
     """Decode one ledger-queue message and add it to ``into`` (a new :class:`Ingested` by
     default), which is returned; :class:`Malformed` with the reason, and nothing added, if
     the message is unusable.
@@ -50,16 +50,13 @@ def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, f
     ``from_tasks``: the message came from the tasks exchange (runners bind the ledger
     there too), so it is a task as submitted: its ``pending`` event, owned by ``owner`` (the
     message's broker-checked ``user_id``), whatever its body's ``user`` says. Without an
-    owner it is recorded with none; the runner rejects it ("no authenticated user"). ``service``:
-    the sender is a service account (a runner handing a retry back to the pool, the host releasing
-    a held task), which passes on the owner the task was first submitted by: its body's ``user`` stands.
+    owner it is recorded with none; the runner rejects it ("no authenticated user"). A task a
+    service passes on has the owner it names (:func:`hakuriver.identity.task_owner`: the caller's job).
     """
     batch = Ingested() if into is None else into
     try:
         if from_tasks:
-            task = Task.from_bytes(body)
-            if not (service and task.user):
-                task = task.model_copy(update={"user": owner or ""})
+            task = Task.from_bytes(body).model_copy(update={"user": owner or ""})
             event = StateEvent(task_id=task.task_id, state=TaskState.PENDING, seq=0, task=task,
                                time=task.submitted_at)
             _check_state_event(event, task.task_id)

@@ -78,6 +78,8 @@ class Pipelines:
         self.ledger, self.outbox, self.topo = ledger, outbox, topo
         self.services, self.admins = services, frozenset(admins)
         self._exchanges: broker.Exchanges | None = None
+        # Whether any task may be held: resolve() after a batch costs nothing while none is (the usual case).
+        self._holding = True
 
     async def open(self) -> None:
         async with self.ledger.engine.begin() as conn:
@@ -109,9 +111,7 @@ class Pipelines:
         task = Task.from_bytes(message.body)
         if not task.after:
             raise ValueError(f"task {task.task_id} was sent to be held but waits for nothing")
-        if message.user_id in self.services and task.user:
-            return task
-        return task.model_copy(update={"user": message.user_id or ""})
+        return task.model_copy(update={"user": identity.task_owner(message.user_id, message.headers, self.services)})
 
     # -- holding, killing, releasing -----------------------------------------------------
 
@@ -127,6 +127,7 @@ class Pipelines:
                                                          "after": task.after}])
         await self.ledger.ingest(events=[StateEvent(task_id=task.task_id, state=TaskState.HELD, seq=0, task=task,
                                                     time=task.submitted_at)])
+        self._holding = True
         await self.resolve()
 
     async def kill(self, task_id: int, by: str) -> bool:
@@ -146,10 +147,13 @@ class Pipelines:
 
     async def resolve(self) -> None:
         """Release or reject every held task whose dependencies decided it (module docstring)."""
+        if not self._holding:
+            return
         async with self.ledger.write_lock, self.ledger.engine.begin() as conn:
             held = {row.task_id: row for row in await conn.execute(
                 select(held_table.c.task_id, held_table.c.body, held_table.c.after))}
             if not held:
+                self._holding = False
                 return
             wanted = sorted({d for row in held.values() for d in row.after} | set(held))
             states = {row.task_id: row.state for row in await conn.execute(
@@ -192,7 +196,7 @@ class Pipelines:
             for event in events:
                 self.outbox.add(self.topo.events, Topology.state_key(event.task_id), event.to_bytes())
             for task in tasks:
-                self.outbox.add(self.topo.tasks, task.routing_key, task.to_bytes())
+                self.outbox.add(self.topo.tasks, task.routing_key, task.to_bytes(), {identity.OWNER_HEADER: task.user})
 
     async def _end(self, conn: Any, events: list[StateEvent]) -> None:
         """Apply ending events (rejected, killed) to held tasks' rows and forget their held bodies."""

@@ -261,8 +261,8 @@ class Host:
             raise Malformed(f"event from {message.user_id or identity.NO_USER!r}, which is no service account "
                             f"([security] service_accounts)")
         return parse_event(message.routing_key or "", message.headers, message.body,
-                           from_tasks=from_tasks, into=into, owner=message.user_id,
-                           service=message.user_id in self.services)
+                           from_tasks=from_tasks, into=into,
+                           owner=identity.task_owner(message.user_id, message.headers, self.services))
 
     async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
         # The database or disk is unavailable: hand everything back and slow down.
