@@ -84,16 +84,21 @@ class RunnerStore:
 
     def holds(self, task: Task) -> bool:
         """Whether this delivery of ``task`` is one we have already: the same attempt or an earlier one
-        (a later attempt of a pool task this runner handed back is a new delivery)."""
-        row = self.db.execute("SELECT attempt FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
-        return row is not None and row[0] >= task.attempt
+        (the attempt of a pool task this runner handed back to the pool is new when it comes back)."""
+        row = self.db.execute("SELECT attempt, state, not_before FROM tasks WHERE task_id = ?",
+                              (task.task_id,)).fetchone()
+        if row is None:
+            return False
+        attempt, state, not_before = row
+        handed_on = state == TaskState.RETRYING and not_before is None
+        return attempt > task.attempt if handed_on else attempt >= task.attempt
 
     def accept(self, task: Task, state: TaskState = TaskState.QUEUED, message: str = "") -> int:
         """Record a new task (or a new attempt of one) with its first event (``queued``, or a
         terminal one such as ``rejected``); returns the outbox row to wait on before acking the delivery."""
         with self.db:
             if task.attempt > 1 and self.handed_on(task.task_id) and not self.holds(task):
-                # a later attempt of a pool task this runner handed back: it replaces the old row
+                # the attempt of a pool task this runner handed back, come back: it replaces the old row
                 self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task.task_id,))
             self._arrival += 1
             self.db.execute(
@@ -123,7 +128,6 @@ class RunnerStore:
         """End attempt ``task.attempt`` as ``retrying`` and record ``following`` (the next attempt),
         in one transaction: the decision (runner/retries.py) is durable the moment it is made.
         The task waits here, ``retrying``, until the returned time; then :meth:`requeue`."""
-        pooled = following.target == POOL_KEY
         not_before = time.time() + following.retry_delay
         with self.db:
             self._event(task.task_id, TaskState.RETRYING, exit_code=exit_code, ended=state,
@@ -131,9 +135,8 @@ class RunnerStore:
             self.db.execute(
                 "UPDATE tasks SET body = ?, attempt = ?, seq = ?, handle = NULL, stdout_sent = 0, stderr_sent = 0, "
                 "outcome = NULL, kill_requested = 0, not_before = ?, finished_at = ? WHERE task_id = ?",
-                # a pool task's row keeps the attempt that ended here: the next is new to whoever takes it
-                (following.model_dump_json(), task.attempt if pooled else following.attempt,
-                 seq_base(following.attempt), not_before, None, task.task_id))
+                (following.model_dump_json(), following.attempt, seq_base(following.attempt), not_before, None,
+                 task.task_id))
         return not_before
 
     def requeue(self, task: Task) -> bool:
