@@ -137,3 +137,15 @@ def test_verdict():
     kind, why = verdict([1, 2], {1: "running", 2: "killed"})
     assert kind == "reject" and why == "dependency 2 ended killed: never run"
     assert verdict([1], {1: "held"}) is None and verdict([1], {1: "retrying"}) is None
+
+
+def test_the_dashboard_task_page_shows_dependencies_and_attempts():
+    from hakuriver.host.web import pages
+
+    task = {"task_id": 9, "batch_id": 9, "state": "completed", "command": "true", "args": [], "user": "ana",
+            "after": [7, 8], "exit_code": 0,
+            "attempts": [{"attempt": 1, "state": "failed", "exit_code": 3, "node": "node1", "started_at": 1.0},
+                         {"attempt": 2, "state": "completed", "exit_code": 0, "node": "node2", "started_at": 2.0}]}
+    page = pages.task(task, {}, "ana", [], None)
+    assert '<a href="/tasks/7">7</a>' in page and '<a href="/tasks/8">8</a>' in page
+    assert "failed (exit 3) on node1" in page and "completed (exit 0) on node2" in page
