@@ -416,13 +416,18 @@ class Client:
         ``attempt``: that attempt of a retried task (default: the latest)."""
         import base64
 
-        offset = 0
+        offset, following = 0, None
         while True:
             params = {"task_id": task_id, "stream": stream, "offset": offset, "length": 4 << 20,
                       "wait": 5.0 if follow else 0.0}
             if attempt is not None:
                 params["attempt"] = attempt
             page = await self.query("output", params, timeout=15.0)
+            if following is not None and page.get("attempt", 1) != following:
+                offset = 0  # --follow across a retry: the next attempt's output, from its start
+                following = page.get("attempt", 1)
+                continue
+            following = page.get("attempt", 1)
             data = base64.b64decode(page["data"])
             if data:
                 write(data)
@@ -456,7 +461,7 @@ class Waiter:
         self.on_output = on_output
         self._failure: BaseException | None = None   # raised by a callback; ends the wait
         self._done = asyncio.Event()
-        self._written: dict[tuple[int, str], int] = {}  # bytes of each task's stream written so far
+        self._written: dict[tuple[int, str, int], int] = {}  # bytes of each task's stream (per attempt) written so far
         self._catching_up = False
         if not self.pending:
             self._done.set()
@@ -508,12 +513,12 @@ class Waiter:
             return
         if chunk.task_id not in self.task_ids:
             return  # another client's task, under a wildcard binding
-        already = self._written.get((chunk.task_id, chunk.stream), 0)
+        already = self._written.get((chunk.task_id, chunk.stream, chunk.attempt), 0)
         end = chunk.offset + len(message.body)
         if end <= already or chunk.offset > already:
             return  # a duplicate, or ahead of a gap (the ledger still has every byte)
         self.on_output(chunk.stream, message.body[already - chunk.offset:])
-        self._written[(chunk.task_id, chunk.stream)] = end
+        self._written[(chunk.task_id, chunk.stream, chunk.attempt)] = end
 
     async def catch_up(self) -> None:
         """After a reconnect: ask the ledger for tasks whose final event passed while we were away.

@@ -64,6 +64,18 @@ def test_fail_then_succeed_completes_with_two_attempts_both_outputs_readable(clu
     assert missing.returncode == 2 and b"no attempt 3" in missing.stderr
 
 
+def test_wait_follow_shows_every_attempts_output_as_it_comes(cluster):
+    """Each attempt's output starts at offset 0 again: --follow shows the second after the first."""
+    name = f"runs-{uuid.uuid4().hex[:8]}"
+    result = cluster.cli("--wait", "--follow", "--target", "node1", "--retries", "1", "--retry-delay", "0", *_script(
+        f'echo run >> "$S/{name}"; n=$(wc -l < "$S/{name}"); echo "attempt $n says hello"; [ "$n" -eq 2 ]'))
+    assert result.returncode == 0, result.stderr.decode()
+    task_id, *lines = result.stdout.decode().splitlines()
+    assert lines == ["attempt 1 says hello", "attempt 2 says hello"]
+    followed = cluster.cli("--stdout", task_id, "--follow")
+    assert followed.stdout == b"attempt 2 says hello\n"
+
+
 def test_always_failing_ends_failed_after_n_plus_one_attempts(cluster):
     name = f"runs-{uuid.uuid4().hex[:8]}"
     result = cluster.cli("--wait", "--target", "node1", "--retries", "2", "--retry-delay", "0",

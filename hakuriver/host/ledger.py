@@ -270,6 +270,7 @@ class OutputSlice:
     size: int
     state: str
     terminal: bool
+    attempt: int = 1   # which attempt's output this is (a retried task's later ones restart at offset 0)
 
 
 class UnknownTask(LookupError):
@@ -567,7 +568,7 @@ class Ledger:
             path = self._files.path(task_id, stream, attempt)
             raise OutputMissing(f"the stored {stream} of task {task_id} is missing or cut short: the ledger "
                                 f"records {size} bytes, {path} holds {offset + len(data)}")
-        return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=terminal)
+        return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=terminal, attempt=attempt)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

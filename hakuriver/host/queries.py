@@ -163,4 +163,4 @@ class Queries:
                 break
             await self.changes.wait_past(generation, remaining)
         return {"data": base64.b64encode(piece.data).decode("ascii"), "offset": piece.offset, "size": piece.size,
-                "state": piece.state, "terminal": piece.terminal}
+                "state": piece.state, "terminal": piece.terminal, "attempt": piece.attempt}
