@@ -472,11 +472,11 @@ class Ledger:
             if not offline:
                 return []
             lost = (await conn.execute(
-                select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq)
+                select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq, tasks_table.c.attempt)
                 .where(tasks_table.c.state.in_([TaskState.RUNNING.value, TaskState.PAUSED.value]),
                        tasks_table.c.node.in_(offline)))).all()
             events = [StateEvent(task_id=row.task_id, node=row.node, state=TaskState.LOST, seq=row.seq, time=now,
-                                 message=f"node {row.node} went offline") for row in lost]
+                                 attempt=row.attempt or 1, message=f"node {row.node} went offline") for row in lost]
             if events:
                 await conn.execute(
                     update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")),
