@@ -127,9 +127,9 @@ class Topology:
         return f"{self.prefix}.rpc"
 
     @property
-    def held(self) -> str:
+    def pipelines(self) -> str:
         """The host's queue of tasks submitted with ``--after`` (key HELD_KEY) and of kills for everyone (``all``)."""
-        return f"{self.prefix}.held"
+        return f"{self.prefix}.pipelines"
 
     def node_queue(self, node: str) -> str:
         return f"{self.prefix}.node.{node}"

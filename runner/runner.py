@@ -487,14 +487,15 @@ class Runner:
                        gpus=self.gpus.device_ids(gpus),
                        shared_dir=self.config.paths.shared_dir, local_temp_dir=self.config.paths.local_temp_dir)
 
-    def _output_stream(self, task: Task, spec: RunSpec, sent: dict[str, int] | None = None) -> OutputStream:
-        return OutputStream(task.task_id, {"stdout": spec.stdout_path, "stderr": spec.stderr_path},
-                            sent or {"stdout": 0, "stderr": 0}, attempt=task.attempt)
+    def _output_stream(self, task_id: int, spec: RunSpec, sent: dict[str, int] | None = None,
+                       attempt: int = 1) -> OutputStream:
+        return OutputStream(task_id, {"stdout": spec.stdout_path, "stderr": spec.stderr_path},
+                            sent or {"stdout": 0, "stderr": 0}, attempt=attempt)
 
     async def _run(self, task: Task) -> None:
         spec = self._spec(task)
         executor = executor_for(task, self.executors, now=False)
-        running = Running(task, executor, self._output_stream(task, spec))
+        running = Running(task, executor, self._output_stream(task.task_id, spec, attempt=task.attempt))
         self.running[task.task_id] = running
         # a slow start (a container image to load) is told like any other wait
         telling = asyncio.get_running_loop().call_later(WAIT_REASON_EVERY_S, self.store.tell_waiting, {
@@ -627,8 +628,8 @@ class Runner:
                 continue
             self.admission.take(task, gpus=(stored.handle or {}).get("gpus"))
             spec = self._spec(task)
-            output = self._output_stream(task, spec, {"stdout": stored.stdout_sent,
-                                                      "stderr": stored.stderr_sent})
+            output = self._output_stream(task.task_id, spec, {"stdout": stored.stdout_sent,
+                                                              "stderr": stored.stderr_sent}, task.attempt)
             executor = self.executors.get(stored.handle["executor"]) if stored.handle else None
             running = Running(task, executor or next(iter(self.executors.values())), output,
                               kill_requested=stored.kill_requested)

@@ -4,7 +4,7 @@ Why it exists: a pipeline must not need a shell kept open on ``--wait``. Someone
 the later stage and release it when the earlier ones end, and survive restarts while doing so.
 The host is that holder: it is the one process that learns every task's end (the ledger), and
 the ledger is durable. So a task with ``after`` is published with the routing key ``_held``
-(:data:`hakuriver.topology.HELD_KEY`), which only the host's ``<p>.held`` queue binds; the host
+(:data:`hakuriver.topology.HELD_KEY`), which only the host's ``<p>.pipelines`` queue binds; the host
 records it (state ``held``, its whole body in the table ``held_tasks``) and acks.
 
 After every ledger batch that ended a task, after each newly held task, and at start,
@@ -21,7 +21,7 @@ Each decision is made once: the outbox row is committed first, then the ledger r
 ``held`` and the held body is deleted in one transaction. A crash between the two finds the
 task still held on restart and publishes it again; runners drop a task id they already have.
 
-A kill of a held task comes to every runner (``all``: it has no node), and ``<p>.held`` binds
+A kill of a held task comes to every runner (``all``: it has no node), and ``<p>.pipelines`` binds
 ``all`` on the control exchange too, so the host sees it and ends the task ``killed`` (owner or
 admin, :mod:`hakuriver.identity`); the runners' tombstones are then never used.
 """
@@ -86,9 +86,9 @@ class Pipelines:
             await conn.run_sync(lambda sync: held_table.create(sync, checkfirst=True))
 
     async def consume(self, channel: AbstractChannel, exchanges: broker.Exchanges) -> tuple[Any, str]:
-        """Declare and consume ``<p>.held``: tasks sent with HELD_KEY, and kills sent to every node."""
+        """Declare and consume ``<p>.pipelines``: tasks sent with HELD_KEY, and kills sent to every node."""
         self._exchanges = exchanges
-        queue = await channel.declare_queue(self.topo.held, durable=True,
+        queue = await channel.declare_queue(self.topo.pipelines, durable=True,
                                             arguments=self.topo.durable_args(delivery_limit=True))
         await queue.bind(exchanges.tasks, HELD_KEY)
         await queue.bind(exchanges.control, ALL_NODES_KEY)
