@@ -39,7 +39,7 @@ from hakuriver.messages import Kill, MessageTooLarge, NodeInfo, OutputChunk, Sta
 from hakuriver.sizes import format_size
 from hakuriver.states import TaskState
 from hakuriver.tls import client_ssl_context
-from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology, parse_target
+from hakuriver.topology import ALL_NODES_KEY, HELD_KEY, POOL_KEY, Topology, parse_target
 
 PER_TASK_BINDINGS_UP_TO = 200   # beyond this a waiter binds task.*.<kind> and filters
 PUBLISH_WINDOW = 512            # publishes awaiting their confirm at once
@@ -83,6 +83,9 @@ class TaskSpec:
     container: str | None = None
     privileged: bool = False
     mounts: list = field(default_factory=list)
+    retries: int = 0                   # runs after the first, for an attempt that ends failed or lost
+    retry_delay: float | None = None   # None: the messages' default
+    after: list[int] = field(default_factory=list)  # held by the host until these tasks completed
 
 
 class Client:
@@ -161,7 +164,9 @@ class Client:
         parsed = [parse_target(t) for t in (targets or [POOL_KEY])]
         common = dict(batch_id=batch, command=spec.command, env=spec.env, cores=spec.cores, memory=spec.memory,
                       container=spec.container, privileged=spec.privileged, mounts=spec.mounts,
-                      user=user, submit_host=host, submitted_at=now)
+                      user=user, submit_host=host, submitted_at=now, retries=spec.retries, after=spec.after)
+        if spec.retry_delay is not None:
+            common["retry_delay"] = spec.retry_delay
 
         def placed(target) -> dict:
             gpus = None if target.gpus is None else list(target.gpus)
@@ -284,9 +289,11 @@ class Client:
                                              in zip(window, bodies[start:start + PUBLISH_WINDOW])))
             for task, result in zip(window, results):
                 if result is not None:
-                    returned.append(task.routing_key)
+                    returned.append(HELD_KEY if task.after else task.routing_key)
                 elif on_confirmed is not None:
                     on_confirmed(task)
+            if HELD_KEY in returned:
+                raise BadRequest("no host holds tasks for --after yet (is hakuriver.host running?)")
             if returned and set(returned) == {POOL_KEY}:
                 raise BadRequest("no runner has joined the pool yet (--target any)")
             if returned:
@@ -299,8 +306,9 @@ class Client:
         The ledger queue is bound to the tasks exchange too, so this one publish is
         also the task's ``pending`` event for the host.
         """
+        key = HELD_KEY if task.after else task.routing_key  # --after: to the host, which holds it
         result = await exchanges.tasks.publish(broker.persistent(body, user_id=self.user),
-                                               routing_key=task.routing_key, mandatory=True)
+                                               routing_key=key, mandatory=True)
         return result if hasattr(result, "delivery") else None
 
     async def run(self, spec: TaskSpec, targets: list[str], timeout: float | None = None) -> dict[int, StateEvent]:
@@ -317,6 +325,15 @@ class Client:
         waiter = Waiter(self, task_ids, follow, on_output)
         await waiter.subscribe()
         return waiter
+
+    async def check_after(self, task_ids: list[int]) -> None:
+        """:class:`BadRequest` naming the first of ``task_ids`` (``--after``) the host does not know."""
+        if not task_ids:
+            return
+        known = {t["task_id"] for t in (await self.query("status", {"task_ids": task_ids}))["tasks"]}
+        missing = [task_id for task_id in task_ids if task_id not in known]
+        if missing:
+            raise BadRequest(f"invalid --after {missing[0]}: unknown task")
 
     # ---- control and queries ----------------------------------------------------------
 
@@ -337,7 +354,10 @@ class Client:
             self._check_ours(task_id, task, answer)
         if task is not None and TaskState(task["state"]).terminal:
             return task
-        node = task["node"] if task and task.get("node") else ALL_NODES_KEY
+        # Held by the host, or between two attempts (a pool task's next may go anywhere): to everyone,
+        # the host included (it ends a held task itself).
+        anywhere = task is None or not task.get("node") or task["state"] in (TaskState.HELD, TaskState.RETRYING)
+        node = ALL_NODES_KEY if anywhere else task["node"]
         body = broker.persistent(Kill(task_id=task_id, user=self.user).to_bytes(), user_id=self.user)
         control = (await self.exchanges()).control
         result = await control.publish(body, routing_key=node, mandatory=True)
@@ -393,15 +413,23 @@ class Client:
         return tasks, before
 
     async def read_output(self, task_id: int, stream: str, write: Callable[[bytes], None],
-                          follow: bool = False) -> dict[str, Any]:
-        """Copy a task's stored output to ``write``, page by page; with ``follow``, until the task ends."""
+                          follow: bool = False, attempt: int | None = None) -> dict[str, Any]:
+        """Copy a task's stored output to ``write``, page by page; with ``follow``, until the task ends.
+        ``attempt``: that attempt of a retried task (default: the latest)."""
         import base64
 
-        offset = 0
+        offset, following = 0, None
         while True:
-            page = await self.query("output", {"task_id": task_id, "stream": stream, "offset": offset,
-                                               "length": 4 << 20, "wait": 5.0 if follow else 0.0},
-                                    timeout=15.0)
+            params = {"task_id": task_id, "stream": stream, "offset": offset, "length": 4 << 20,
+                      "wait": 5.0 if follow else 0.0}
+            if attempt is not None:
+                params["attempt"] = attempt
+            page = await self.query("output", params, timeout=15.0)
+            if following is not None and page.get("attempt", 1) != following:
+                offset = 0  # --follow across a retry: the next attempt's output, from its start
+                following = page.get("attempt", 1)
+                continue
+            following = page.get("attempt", 1)
             data = base64.b64decode(page["data"])
             if data:
                 write(data)
@@ -435,7 +463,7 @@ class Waiter:
         self.on_output = on_output
         self._failure: BaseException | None = None   # raised by a callback; ends the wait
         self._done = asyncio.Event()
-        self._written: dict[tuple[int, str], int] = {}  # bytes of each task's stream written so far
+        self._written: dict[tuple[int, str, int], int] = {}  # bytes of each task's stream (per attempt) written so far
         self._catching_up = False
         if not self.pending:
             self._done.set()
@@ -487,12 +515,12 @@ class Waiter:
             return
         if chunk.task_id not in self.task_ids:
             return  # another client's task, under a wildcard binding
-        already = self._written.get((chunk.task_id, chunk.stream), 0)
+        already = self._written.get((chunk.task_id, chunk.stream, chunk.attempt), 0)
         end = chunk.offset + len(message.body)
         if end <= already or chunk.offset > already:
             return  # a duplicate, or ahead of a gap (the ledger still has every byte)
         self.on_output(chunk.stream, message.body[already - chunk.offset:])
-        self._written[(chunk.task_id, chunk.stream)] = end
+        self._written[(chunk.task_id, chunk.stream, chunk.attempt)] = end
 
     async def catch_up(self) -> None:
         """After a reconnect: ask the ledger for tasks whose final event passed while we were away.

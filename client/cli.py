@@ -57,6 +57,12 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER[:ro]", help="Extra mount (repeatable).")
 @click.option("--privileged", is_flag=True, help="Ask for a privileged container.")
+@click.option("--retries", metavar="N", help=f"Run a task that ends failed or lost again, up to N more times "
+                                             f"(0 to {bounds.MAX_RETRIES}; default 0).")
+@click.option("--retry-delay", metavar="SECONDS",
+              help=f"With --retries: wait this long before each new attempt (default {bounds.DEFAULT_RETRY_DELAY_S:g}).")
+@click.option("--after", "afters", multiple=True, metavar="ID[,ID...]",
+              help="Hold the task until every listed task completed (repeatable); if one ends otherwise, it never runs.")
 @click.option("--wait", is_flag=True, help="Wait for every task; exit with the outcome.")
 @click.option("--follow", is_flag=True, help="With --wait or --stdout/--stderr: stream output live.")
 @click.option("--sweep", is_flag=True, help="Expand span:{a..b} / span:[x,y] in the command: one task per combination.")
@@ -64,6 +70,8 @@ def _task_id(text: str, option: str) -> int:
 @click.option("--status", "status_ids", multiple=True, metavar="ID", help="Show a task's status (repeatable).")
 @click.option("--stdout", "stdout_id", metavar="ID", help="Print a task's stdout (on our stdout).")
 @click.option("--stderr", "stderr_id", metavar="ID", help="Print a task's stderr (on our stdout too).")
+@click.option("--attempt", metavar="K", help="With --stdout/--stderr: the output of attempt K of a retried task "
+                                            "(default: the last).")
 @click.option("--kill", "kill_id", metavar="ID", help="Kill a task (running, waiting, or not recorded yet).")
 @click.option("--pause", "pause_id", metavar="ID", help="Pause a running task's whole process tree (keeps its resources).")
 @click.option("--resume", "resume_id", metavar="ID", help="Resume a paused task.")
@@ -103,15 +111,18 @@ def _validate(o: dict) -> Request:
     queries = [name for name, key in QUERY_OPTIONS.items() if o[key]]
     command = list(o["command"])
     submit_only = [flag for flag in ("targets", "gpus", "container", "cores", "memory", "envs", "mounts", "privileged",
-                                     "sweep") if o[flag]]
+                                     "sweep", "retries", "retry_delay", "afters") if o[flag]]
     list_filters = [flag for flag in ("state", "node", "batch", "user", "mine", "limit", "before") if o[flag]]
     if len(queries) > 1:
         raise UsageError("conflicting options: " + " and ".join("--" + q.replace("_", "-") for q in queries))
     if queries and command:
         raise UsageError(f"--{queries[0].replace('_', '-')} takes no command (got {command[0]!r})")
     if queries and submit_only:
-        flag = {"targets": "target", "envs": "env", "mounts": "mount"}.get(submit_only[0], submit_only[0])
+        flag = {"targets": "target", "envs": "env", "mounts": "mount", "afters": "after",
+                "retry_delay": "retry-delay"}.get(submit_only[0], submit_only[0])
         raise UsageError(f"--{flag} does not go with --{queries[0].replace('_', '-')}")
+    if o["attempt"] is not None and queries not in (["stdout"], ["stderr"]):
+        raise UsageError("--attempt goes with --stdout or --stderr only")
     if list_filters and queries != ["list_tasks"]:
         raise UsageError(f"--{list_filters[0]} goes with --list-tasks only")
     if o["timeout"] is not None and (o["timeout"] <= 0 or not o["wait"]):
@@ -137,8 +148,12 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
     if query == "status":
         return StatusRequest(task_ids=[_task_id(t, "--status") for t in o["status_ids"]], **common)
     if query in ("stdout", "stderr"):
+        attempt = o["attempt"]
+        if attempt is not None and (not (attempt.isdigit() and attempt.isascii())
+                                    or not 1 <= int(attempt) <= bounds.MAX_RETRIES + 1):
+            raise UsageError(f"invalid --attempt {attempt!r} (a whole number from 1 to {bounds.MAX_RETRIES + 1})")
         return OutputRequest(task_id=_task_id(o[f"{query}_id"], f"--{query}"), stream=query, follow=o["follow"],
-                             **common)
+                             attempt=int(attempt) if attempt is not None else None, **common)
     if query == "kill":
         return KillRequest(task_id=_task_id(o["kill_id"], "--kill"), wait=o["wait"], timeout=o["timeout"], **common)
     if query in ("pause", "resume"):
@@ -216,6 +231,8 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         dup = next(t for t in targets if targets.count(t) > 1)
         raise UsageError(f"--target {dup!r} given twice")
     gpus = _gpu_count(o["gpus"], targets)
+    retries, after = _retries(o["retries"]), _after(o["afters"])
+    retry_delay = _retry_delay(o["retry_delay"]) if o["retry_delay"] is not None else None
     sweep_size = None
     if o["sweep"]:
         from hakurun import span
@@ -230,7 +247,39 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
     return SubmitRequest(command=command, targets=targets, gpus=gpus, container=o["container"], cores=cores,
                          memory=memory,
                          env=env, mounts=mounts, privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
-                         timeout=o["timeout"], sweep_size=sweep_size, **common)
+                         timeout=o["timeout"], sweep_size=sweep_size, retries=retries, retry_delay=retry_delay,
+                         after=after, **common)
+
+
+def _retries(text: str | None) -> int:
+    if text is None:
+        return 0
+    if not (text.isdigit() and text.isascii()) or int(text) > bounds.MAX_RETRIES:
+        raise UsageError(f"invalid --retries {text!r} (a whole number from 0 to {bounds.MAX_RETRIES})")
+    return int(text)
+
+
+def _retry_delay(text: str) -> float:
+    try:
+        delay = float(text)
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay <= bounds.MAX_RETRY_DELAY_S:  # also refuses nan
+        raise UsageError(f"invalid --retry-delay {text!r} (seconds from 0 to {bounds.MAX_RETRY_DELAY_S:g})")
+    return delay
+
+
+def _after(items: tuple[str, ...]) -> list[int]:
+    """``--after ID[,ID...]`` (repeatable) as one list of task ids, each once, in the order given."""
+    after: list[int] = []
+    for item in items:
+        for text in item.split(","):
+            task_id = _task_id(text.strip(), "--after")
+            if task_id not in after:
+                after.append(task_id)
+    if len(after) > bounds.MAX_AFTER:
+        raise UsageError(f"--after lists {len(after)} tasks, over the bound of {bounds.MAX_AFTER}")
+    return after
 
 
 def _gpu_count(text: str | None, targets: list[str]) -> int:

@@ -64,10 +64,22 @@ def status(tasks: list[dict[str, Any]]) -> str:
         ]
         if t.get("unenforced"):
             fields.append(("not enforced", ", ".join(t["unenforced"])))
+        if t.get("after"):
+            fields.append(("after", ",".join(map(str, t["after"]))))
+        if t.get("retries"):
+            fields.append(("retries", f"{t['retries']} (delay {t.get('retry_delay') or 0:g} s)"))
+            fields += [(f"attempt {r['attempt']}", _attempt_line(r)) for r in t.get("attempts") or []]
         if t.get("message"):
             fields.append(("message", t["message"]))
         blocks.append("".join(f"{k + ':':<14}{v}\n" for k, v in fields))
     return "\n".join(blocks)
+
+
+def _attempt_line(record: dict[str, Any]) -> str:
+    """One attempt of a retried task: its outcome, node, exit code and output sizes."""
+    exit_code = "" if record.get("exit_code") is None else f" (exit {record['exit_code']})"
+    return (f"{record['state']}{exit_code} on {record.get('node') or '-'}, started {_when(record.get('started_at'))}, "
+            f"{record.get('stdout_bytes', 0)} bytes stdout, {record.get('stderr_bytes', 0)} bytes stderr")
 
 
 def node_table(nodes: list[dict[str, Any]]) -> str:

@@ -32,6 +32,9 @@ class SubmitRequest(Request):
     follow: bool = False
     timeout: float | None = None
     sweep_size: int | None = None         # set when --sweep: the number of combinations
+    retries: int = 0                      # --retries N
+    retry_delay: float | None = None      # --retry-delay; None: the default (hakuriver.bounds)
+    after: list[int] = field(default_factory=list)  # --after: held by the host until these completed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +60,7 @@ class OutputRequest(Request):
     task_id: int
     stream: str                            # "stdout" or "stderr"
     follow: bool = False
+    attempt: int | None = None             # --attempt K: that attempt of a retried task; None: the last
 
 
 @dataclass(frozen=True, kw_only=True)

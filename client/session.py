@@ -112,7 +112,8 @@ async def _submit(client: Client, config: Config, request: SubmitRequest) -> int
     spec = TaskSpec(command=request.command[0], args=request.command[1:], env=request.env,
                     cores=request.cores, memory=request.memory, gpus=request.gpus,
                     container=None if container.upper() == "NULL" else container,
-                    privileged=request.privileged, mounts=request.mounts)
+                    privileged=request.privileged, mounts=request.mounts, retries=request.retries,
+                    retry_delay=request.retry_delay, after=request.after)
     arg_lists = None
     if request.sweep_size is not None:
         from hakurun import span
@@ -122,6 +123,7 @@ async def _submit(client: Client, config: Config, request: SubmitRequest) -> int
                              f"{config.client.max_sweep} ([client] max_sweep)")
         arg_lists = span.expand(spec.args)
     tasks = client.make_tasks(spec, request.targets, arg_lists)
+    await client.check_after(request.after)
     notes = await client.check_targets(tasks)
     waiter = None
     if request.wait:
@@ -240,7 +242,8 @@ async def _pause(client: Client, request: PauseRequest) -> int:
 
 async def _output(client: Client, request: OutputRequest) -> int:
     """--stdout ID and --stderr ID: the task's stream is the answer, so it goes to our stdout."""
-    await client.read_output(request.task_id, request.stream, _write_stdout, follow=request.follow)
+    await client.read_output(request.task_id, request.stream, _write_stdout, follow=request.follow,
+                             attempt=request.attempt)
     return EXIT_OK
 
 

@@ -25,6 +25,10 @@ MAX_MEMORY = INT64 - 1                   # bytes (--memory)
 MAX_CORES = 1 << 16                      # --cores
 MAX_NUMA_ID = (1 << 31) - 1              # node:N (a 32-bit column in the ledger)
 MAX_GPUS = 1024                          # --gpus N, and GPU ids in node::IDS (ids below it)
+MAX_RETRIES = 10                         # --retries N: at most this many runs after the first
+DEFAULT_RETRY_DELAY_S = 3.0              # --retry-delay: seconds between a failed attempt and the next
+MAX_RETRY_DELAY_S = 24 * 3600.0          # --retry-delay at most a day
+MAX_AFTER = 1000                         # --after: tasks one task may wait for
 
 # -- queries -----------------------------------------------------------------------------
 MAX_LIST_LIMIT = 10_000                  # --list-tasks --limit; more goes page by page

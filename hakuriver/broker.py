@@ -94,8 +94,10 @@ async def declare_pool_queue(channel: AbstractChannel, topo: Topology, exchanges
 
 
 def persistent(body: bytes, headers: dict[str, Any] | None = None, **properties) -> aio_pika.Message:
-    return aio_pika.Message(body, delivery_mode=PERSISTENT, content_type="application/json"
-                            if headers is None else "application/octet-stream",
+    # an output chunk (its metadata in headers, "stream" among them) is raw bytes; everything else JSON
+    raw = headers is not None and "stream" in headers
+    return aio_pika.Message(body, delivery_mode=PERSISTENT,
+                            content_type="application/octet-stream" if raw else "application/json",
                             headers=headers, **properties)
 
 

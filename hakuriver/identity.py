@@ -43,6 +43,20 @@ def service_accounts(own_url: str, configured: Iterable[str]) -> frozenset[str]:
     return frozenset({broker_user(own_url), *configured})
 
 
+# A task a service passes on (a runner handing a retry back to the pool, the host releasing a held
+# task) is published under the service's own user_id; this header names the owner it was first
+# submitted by, and is believed from service accounts only.
+OWNER_HEADER = "x-hakuriver-owner"
+
+
+def task_owner(user_id: str | None, headers: dict | None, services: frozenset[str]) -> str:
+    """Who owns a delivered task: its ``user_id``, or, from a service account, the owner it passes on."""
+    passed_on = (headers or {}).get(OWNER_HEADER)
+    if user_id in services and isinstance(passed_on, str) and passed_on:
+        return passed_on
+    return user_id or ""
+
+
 def may_act(user: str | None, owner: str | None, admins: Iterable[str]) -> bool:
     """The one rule for kills and for reading output and env values: the owner or an admin."""
     if not user:

@@ -16,8 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from hakuriver.bounds import (MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_GPUS, MAX_MEMORY,
-                              MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
+from hakuriver.bounds import (DEFAULT_RETRY_DELAY_S, MAX_AFTER, MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES,
+                              MAX_ENV_BYTES, MAX_GPUS, MAX_MEMORY, MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RETRIES,
+                              MAX_RETRY_DELAY_S, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
 from hakuriver.states import TaskState
 from hakuriver.topology import target_key
 
@@ -96,7 +97,13 @@ class Task(Message):
     container: str | None = None                    # None = host execution
     privileged: bool = False
     mounts: list[Mount] = []
-    retries: int = Field(default=0, ge=0, le=100)   # reserved: re-runs after ``lost`` (not acted on yet)
+    # Retries (runner/retries.py): ``failed`` or ``lost`` attempts run again, up to ``retries`` more times,
+    # ``retry_delay`` seconds apart; ``attempt`` is which run this message asks for (1: the first).
+    retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
+    retry_delay: float = Field(default=DEFAULT_RETRY_DELAY_S, ge=0, le=MAX_RETRY_DELAY_S)
+    attempt: int = Field(default=1, ge=1, le=MAX_RETRIES + 1)
+    # Pipelines (hakuriver/host/pipelines.py): held by the host until every one of these tasks completed.
+    after: list[int] = Field(default=[], max_length=MAX_AFTER)
     user: str = ""
     submit_host: str = ""
     submitted_at: float = Field(default_factory=time.time)
@@ -116,6 +123,14 @@ class Task(Message):
         if size > MAX_ENV_BYTES:
             raise ValueError(f"environment is {size} bytes, over the {MAX_ENV_BYTES} byte bound")
         return value
+
+    @model_validator(mode="after")
+    def _attempt_within_retries(self) -> "Task":
+        if self.attempt > self.retries + 1:
+            raise ValueError(f"attempt {self.attempt} is past the {self.retries + 1} its retries allow")
+        if self.task_id in self.after:
+            raise ValueError(f"task {self.task_id} cannot wait for itself")
+        return self
 
     @model_validator(mode="after")
     def _gpus_agree(self) -> "Task":
@@ -155,6 +170,8 @@ class StateEvent(Message):
     task: Task | None = None
     unenforced: list[str] = []   # limits the executor could not enforce (e.g. ["memory"])
     gpus: list[int] | None = None  # ``running``: the GPU ids the task holds (None: none)
+    attempt: int = Field(default=1, ge=1, le=MAX_RETRIES + 1)  # which run of the task (retries) it is about
+    ended: TaskState | None = None  # ``retrying``: how the attempt ended (``failed`` or ``lost``)
 
 
 class OutputChunk(BaseModel):
@@ -170,15 +187,22 @@ class OutputChunk(BaseModel):
     task_id: int
     stream: Literal["stdout", "stderr"]
     offset: int = Field(ge=0)
+    attempt: int = Field(default=1, ge=1, le=MAX_RETRIES + 1)  # each attempt of a retried task has its own output
 
     def headers(self) -> dict[str, Any]:
-        return {"v": self.v, "task_id": str(self.task_id), "stream": self.stream, "offset": self.offset}
+        headers = {"v": self.v, "task_id": str(self.task_id), "stream": self.stream, "offset": self.offset}
+        if self.attempt != 1:  # the first attempt's chunks read as they always did
+            headers["attempt"] = self.attempt
+        return headers
 
     @classmethod
     def from_headers(cls, headers: dict[str, Any], body: bytes) -> "OutputChunk":
         if len(body) > MAX_CHUNK_BYTES:
             raise ValueError(f"output chunk of {len(body)} bytes is over the {MAX_CHUNK_BYTES} byte bound")
-        return cls.model_validate({k: headers.get(k) for k in ("v", "task_id", "stream", "offset")})
+        fields = {k: headers.get(k) for k in ("v", "task_id", "stream", "offset")}
+        if headers.get("attempt") is not None:
+            fields["attempt"] = headers["attempt"]
+        return cls.model_validate(fields)
 
 
 ControlAction = Literal["kill", "pause", "resume"]

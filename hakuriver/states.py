@@ -8,6 +8,8 @@ class TaskState(StrEnum):
     QUEUED = "queued"          # a runner accepted it; waiting for cores/memory
     RUNNING = "running"
     PAUSED = "paused"          # running, stopped by request (--pause); keeps its cores and memory
+    HELD = "held"              # --after: the host holds it until every task it waits for completed
+    RETRYING = "retrying"      # an attempt failed or was lost; the next one waits --retry-delay, then runs
     COMPLETED = "completed"    # exit 0
     FAILED = "failed"          # exit != 0, or could not start
     KILLED = "killed"          # by request

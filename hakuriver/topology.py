@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 POOL_KEY = "any"          # tasks exchange: the shared pool queue
+HELD_KEY = "_held"        # tasks exchange: a task with --after, to the host, which holds it (no node has this name)
 DELIVERY_LIMIT = 20  # deliveries of one message from a quorum queue with a limit, then dead-lettered
 ALL_NODES_KEY = "all"     # control exchange: every runner
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
@@ -124,6 +125,11 @@ class Topology:
     @property
     def rpc(self) -> str:
         return f"{self.prefix}.rpc"
+
+    @property
+    def pipelines(self) -> str:
+        """The host's queue of tasks submitted with ``--after`` (key HELD_KEY) and of kills for everyone (``all``)."""
+        return f"{self.prefix}.pipelines"
 
     def node_queue(self, node: str) -> str:
         return f"{self.prefix}.node.{node}"

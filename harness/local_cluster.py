@@ -42,7 +42,7 @@ async def delete_prefix(prefix: str, nodes: list[str], url: str = BROKER_URL, ss
     from hakuriver.topology import Topology
 
     topo = Topology(prefix)
-    queues = [topo.ledger, topo.rpc, topo.pool, topo.dead]
+    queues = [topo.ledger, topo.rpc, topo.pipelines, topo.pool, topo.dead]
     for node in nodes:
         queues += [topo.node_queue(node), topo.control_queue(node), topo.nodeinfo_queue(node)]
     connection = await aio_pika.connect(url, ssl_context=ssl_context)

@@ -45,8 +45,9 @@ def create_output_files(paths: Iterable[Path], owner: tuple[int, int] | None) ->
 class OutputStream:
     """The output files of one task and how far each has been sent."""
 
-    def __init__(self, task_id: int, paths: dict[str, Path], sent: dict[str, int]):
+    def __init__(self, task_id: int, paths: dict[str, Path], sent: dict[str, int], attempt: int = 1):
         self.task_id = task_id
+        self.attempt = attempt  # a retried task's attempts each have their own output
         self.paths = paths
         self.sent = dict(sent)
         self._lock = asyncio.Lock()
@@ -86,7 +87,8 @@ class OutputStream:
                 if not batch:
                     return
                 await asyncio.gather(*(
-                    publish(key, data, OutputChunk(task_id=self.task_id, stream=stream, offset=start).headers())
+                    publish(key, data, OutputChunk(task_id=self.task_id, stream=stream, offset=start,
+                                             attempt=self.attempt).headers())
                     for start, data in batch))
                 self.sent[stream] = offset
                 record(stream, offset)

@@ -10,6 +10,9 @@
                               output files ──► chunks (bounded, by offset)
                                                      │
                                              executor.wait ──► flush output ──► final event
+                                                     └──► or, failed/lost with retries left (runner/retries.py):
+                                                          ``retrying``, then the next attempt waits again
+                                                          (a pool task goes back to the pool)
     control queue ──► kill (running or paused: stop the process tree; waiting: never start it)
                   ──► pause / resume (running tasks only: the executor freezes the whole tree)
     every heartbeat_interval ──► heartbeat (resources, NUMA, running ids)
@@ -48,6 +51,7 @@ from runner.numa import detect_topology
 from runner.output import OutputStream, create_output_files
 from runner.peers import NodeView, Peers, pool_refusal
 from runner.policy import refusal
+from runner.retries import next_attempt
 from runner.store import RunnerStore
 
 log = logging.getLogger(__name__)
@@ -205,7 +209,8 @@ class Runner:
         body says (``user`` empty without one: :meth:`_refusal` rejects it); None (and the message
         dead-lettered) if it is not a valid task."""
         try:
-            return Task.from_bytes(message.body).model_copy(update={"user": message.user_id or ""})
+            owner = identity.task_owner(message.user_id, message.headers, self.services)
+            return Task.from_bytes(message.body).model_copy(update={"user": owner})
         except ValueError as exc:
             await broker.dead_letter(self._consume_exchanges, message, f"invalid task: {exc}", f"runner {self.node}")
             return None
@@ -217,7 +222,7 @@ class Runner:
     async def _accept(self, task: Task, message: AbstractIncomingMessage, rejection: str | None) -> None:
         """Make ``task`` ours: record it and its first event, then ack. A kill that came
         first wins over ``rejection`` (why this node refuses it, if it does)."""
-        if self.store.has(task.task_id):  # redelivered: already ours
+        if self.store.holds(task):  # redelivered: already ours
             await message.ack()
             return
         if self._take_tombstone(task):
@@ -259,7 +264,7 @@ class Runner:
         A task killed already (or ours already) is taken whatever it needs: a kill always
         wins. A task this node can never run is left to the others while some online node
         could run it, and rejected only when none can."""
-        if self.store.has(task.task_id) or self.store.has_tombstone(task.task_id):
+        if self.store.holds(task) or self.store.has_tombstone(task.task_id):
             return True, None
         if not task.user:
             return True, identity.NO_USER
@@ -403,8 +408,17 @@ class Runner:
             self.admission.forget(task_id)
             self.store.transition(task_id, TaskState.KILLED, message="killed before it started")
             return
-        if not self.store.has(task_id):
-            # not here (yet): if it arrives later it must never run; it may wait in the pool
+        if self.store.waiting_retry(task_id):  # between two attempts: the next one never runs
+            owner = self.store.task(task_id).user
+            if not self._may_kill(by, owner):
+                log.warning("kill of task %d by %s refused: %s", task_id, by,
+                            identity.refusal(by, task_id, owner, self.admins))
+                return
+            self.store.transition(task_id, TaskState.KILLED, message="killed between two attempts")
+            return
+        if not self.store.has(task_id) or self.store.handed_on(task_id):
+            # not here (yet), or a retry handed back to the pool: if it arrives later it must
+            # never run; it may wait in the pool
             self.store.add_tombstone(task_id, by)
             self._pool_look_until = time.monotonic() + KILL_LOOK_S
             self._pool_paused_until = 0.0
@@ -482,14 +496,15 @@ class Runner:
             return None
         return spec.account.uid, spec.account.gid
 
-    def _output_stream(self, task_id: int, spec: RunSpec, sent: dict[str, int] | None = None) -> OutputStream:
+    def _output_stream(self, task_id: int, spec: RunSpec, sent: dict[str, int] | None = None,
+                       attempt: int = 1) -> OutputStream:
         return OutputStream(task_id, {"stdout": spec.stdout_path, "stderr": spec.stderr_path},
-                            sent or {"stdout": 0, "stderr": 0})
+                            sent or {"stdout": 0, "stderr": 0}, attempt=attempt)
 
     async def _run(self, task: Task) -> None:
         spec = self._spec(task)
         executor = executor_for(task, self.executors, now=False)
-        running = Running(task, executor, self._output_stream(task.task_id, spec))
+        running = Running(task, executor, self._output_stream(task.task_id, spec, attempt=task.attempt))
         self.running[task.task_id] = running
         # a slow start (a container image to load) is told like any other wait
         telling = asyncio.get_running_loop().call_later(WAIT_REASON_EVERY_S, self.store.tell_waiting, {
@@ -554,11 +569,25 @@ class Runner:
             except Exception:
                 log.exception("task %s: cleanup failed", task_id)
         await self._flush_until_sent(running.output)
-        self.store.transition(task_id, state, exit_code=exit_code, message=message)
+        following = None if running.kill_requested else next_attempt(running.task, state)
+        if following is None:
+            self.store.transition(task_id, state, exit_code=exit_code, message=message)
+        else:  # decided here, once, durably with the ``retrying`` event (runner/retries.py)
+            not_before = self.store.retry(running.task, following, state, exit_code, message)
+            self._spawn(self._retry_later(following, not_before))
         running.output.remove_files()
         self.running.pop(task_id, None)
         self.admission.release(running.task)
         self._schedule_wakeup.set()
+
+    async def _retry_later(self, task: Task, not_before: float) -> None:
+        """After the retry delay, the next attempt waits for room like any task, here or (a pool
+        task) in the pool; unless it was killed meanwhile."""
+        await asyncio.sleep(max(0.0, not_before - time.time()))
+        if self.store.requeue(task):
+            self.waiting.append(task)
+            self._told[task.task_id] = (time.monotonic(), "")
+            self._schedule_wakeup.set()
 
     async def _flush_until_sent(self, output: OutputStream) -> None:
         while True:
@@ -597,6 +626,9 @@ class Runner:
         adopted where the executor can follow them, or end ``lost``."""
         for stored in self.store.unfinished():
             task = stored.task
+            if stored.state == TaskState.RETRYING:  # its next attempt was decided: it comes, once
+                self._spawn(self._retry_later(task, stored.not_before))
+                continue
             if stored.state == TaskState.QUEUED:
                 if stored.kill_requested:
                     self.store.transition(task.task_id, TaskState.KILLED, message="killed before it started")
@@ -607,7 +639,7 @@ class Runner:
             self.admission.take(task, gpus=(stored.handle or {}).get("gpus"))
             spec = self._spec(task)
             output = self._output_stream(task.task_id, spec, {"stdout": stored.stdout_sent,
-                                                              "stderr": stored.stderr_sent})
+                                                              "stderr": stored.stderr_sent}, task.attempt)
             executor = self.executors.get(stored.handle["executor"]) if stored.handle else None
             running = Running(task, executor or next(iter(self.executors.values())), output,
                               kill_requested=stored.kill_requested)

@@ -15,10 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hakuriver.identity import OWNER_HEADER
 from hakuriver.messages import StateEvent, Task
 from hakuriver.outbox import Outbox
 from hakuriver.states import TaskState
-from hakuriver.topology import Topology
+from hakuriver.topology import POOL_KEY, Topology
+from runner.retries import retry_message, seq_base
+
+# Columns added after the first release: a store made before them gets them on open.
+_ADDED_COLUMNS = {"attempt": "INTEGER NOT NULL DEFAULT 1", "not_before": "REAL"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -32,7 +37,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     stderr_sent INTEGER NOT NULL DEFAULT 0,
     outcome TEXT,
     kill_requested INTEGER NOT NULL DEFAULT 0,
-    finished_at REAL
+    finished_at REAL,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    not_before REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
 -- kills of tasks not seen yet, with who sent each (only the owner's or an admin's ends the task);
@@ -54,6 +61,7 @@ class StoredTask:
     stderr_sent: int
     outcome: dict[str, Any] | None
     kill_requested: bool
+    not_before: float | None = None  # a ``retrying`` task: when its next attempt may wait for room again
 
 
 class RunnerStore:
@@ -63,6 +71,10 @@ class RunnerStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
         self.outbox = Outbox(self.db)
         self.topo, self.node = topo, node
         self._arrival = self.db.execute("SELECT coalesce(max(arrival), 0) FROM tasks").fetchone()[0]
@@ -70,14 +82,29 @@ class RunnerStore:
     def has(self, task_id: int) -> bool:
         return self.db.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is not None
 
+    def holds(self, task: Task) -> bool:
+        """Whether this delivery of ``task`` is one we have already: the same attempt or an earlier one
+        (the attempt of a pool task this runner handed back to the pool is new when it comes back)."""
+        row = self.db.execute("SELECT attempt, state, not_before FROM tasks WHERE task_id = ?",
+                              (task.task_id,)).fetchone()
+        if row is None:
+            return False
+        attempt, state, not_before = row
+        handed_on = state == TaskState.RETRYING and not_before is None
+        return attempt > task.attempt if handed_on else attempt >= task.attempt
+
     def accept(self, task: Task, state: TaskState = TaskState.QUEUED, message: str = "") -> int:
-        """Record a new task with its first event (``queued``, or a terminal one such as
-        ``rejected``); returns the outbox row to wait on before acking the delivery."""
+        """Record a new task (or a new attempt of one) with its first event (``queued``, or a
+        terminal one such as ``rejected``); returns the outbox row to wait on before acking the delivery."""
         with self.db:
+            if task.attempt > 1 and self.handed_on(task.task_id) and not self.holds(task):
+                # the attempt of a pool task this runner handed back, come back: it replaces the old row
+                self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task.task_id,))
             self._arrival += 1
             self.db.execute(
-                "INSERT INTO tasks (task_id, arrival, body, state, seq) VALUES (?, ?, ?, ?, 0)",
-                (task.task_id, self._arrival, task.model_dump_json(), TaskState.QUEUED))
+                "INSERT INTO tasks (task_id, arrival, body, state, seq, attempt) VALUES (?, ?, ?, ?, ?, ?)",
+                (task.task_id, self._arrival, task.model_dump_json(), TaskState.QUEUED, seq_base(task.attempt),
+                 task.attempt))
             return self._event(task.task_id, state, message=message, task=task)
 
     def transition(self, task_id: int, state: TaskState, handle: dict[str, Any] | None = None, **fields: Any) -> int:
@@ -89,12 +116,60 @@ class RunnerStore:
             return self._event(task_id, state, **fields)
 
     def _event(self, task_id: int, state: TaskState, **fields: Any) -> int:
-        seq = self.db.execute("SELECT seq FROM tasks WHERE task_id = ?", (task_id,)).fetchone()[0] + 1
+        seq, attempt = self.db.execute("SELECT seq, attempt FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        seq += 1
         finished = time.time() if state.terminal else None
         self.db.execute("UPDATE tasks SET state = ?, seq = ?, finished_at = coalesce(?, finished_at) WHERE task_id = ?",
                         (state, seq, finished, task_id))
-        event = StateEvent(task_id=task_id, node=self.node, state=state, seq=seq, **fields)
+        event = StateEvent(task_id=task_id, node=self.node, state=state, seq=seq, attempt=attempt, **fields)
         return self.outbox.add(self.topo.events, self.topo.state_key(task_id), event.to_bytes())
+
+    def retry(self, task: Task, following: Task, state: TaskState, exit_code: int | None, message: str) -> float:
+        """End attempt ``task.attempt`` as ``retrying`` and record ``following`` (the next attempt),
+        in one transaction: the decision (runner/retries.py) is durable the moment it is made.
+        The task waits here, ``retrying``, until the returned time; then :meth:`requeue`."""
+        not_before = time.time() + following.retry_delay
+        with self.db:
+            self._event(task.task_id, TaskState.RETRYING, exit_code=exit_code, ended=state,
+                        message=retry_message(task, state, exit_code, message))
+            self.db.execute(
+                "UPDATE tasks SET body = ?, attempt = ?, seq = ?, handle = NULL, stdout_sent = 0, stderr_sent = 0, "
+                "outcome = NULL, kill_requested = 0, not_before = ?, finished_at = ? WHERE task_id = ?",
+                (following.model_dump_json(), following.attempt, seq_base(following.attempt), not_before, None,
+                 task.task_id))
+        return not_before
+
+    def requeue(self, task: Task) -> bool:
+        """A ``retrying`` task's delay is over. A task for this node waits for room again (``queued``,
+        its next attempt; True). A pool task goes back to the pool through the outbox, for any node
+        with room (False): the row then only remembers which attempt was handed on.
+        False, and nothing changed, if it is no longer ``retrying`` (killed meanwhile)."""
+        with self.db:
+            row = self.db.execute("SELECT state, not_before FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
+            if row is None or row[0] != TaskState.RETRYING or row[1] is None:
+                return False
+            if task.target == POOL_KEY:
+                self.db.execute("UPDATE tasks SET not_before = NULL, finished_at = ? WHERE task_id = ?",
+                                (time.time(), task.task_id))
+                self.outbox.add(self.topo.tasks, POOL_KEY, task.to_bytes(), {OWNER_HEADER: task.user})
+                return False
+            self.db.execute("UPDATE tasks SET not_before = NULL WHERE task_id = ?", (task.task_id,))
+            self._event(task.task_id, TaskState.QUEUED, message="")
+        return True
+
+    def task(self, task_id: int) -> Task:
+        return Task.model_validate_json(self.db.execute("SELECT body FROM tasks WHERE task_id = ?",
+                                                        (task_id,)).fetchone()[0])
+
+    def handed_on(self, task_id: int) -> bool:
+        """Whether this runner handed the task's next attempt back to the pool (it may come back here or not)."""
+        row = self.db.execute("SELECT state, not_before FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return row is not None and row[0] == TaskState.RETRYING and row[1] is None
+
+    def waiting_retry(self, task_id: int) -> bool:
+        """Whether task ``task_id`` waits here for its next attempt (not one handed to the pool)."""
+        row = self.db.execute("SELECT state, not_before FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return row is not None and row[0] == TaskState.RETRYING and row[1] is not None
 
     def tell_waiting(self, reasons: dict[int, str]) -> None:
         """Queue a ``queued`` event again for each waiting task, its message saying why it
@@ -139,7 +214,8 @@ class RunnerStore:
     def unfinished(self) -> list[StoredTask]:
         """Every task not yet in a terminal state, in arrival order."""
         rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM tasks WHERE state IN ('queued', 'running', 'paused') ORDER BY arrival").fetchall()
+            f"SELECT {_COLUMNS} FROM tasks WHERE state IN ('queued', 'running', 'paused') "
+            "OR (state = 'retrying' AND not_before IS NOT NULL) ORDER BY arrival").fetchall()
         return [_stored(row) for row in rows]
 
     def prune(self, older_than: float) -> None:
@@ -153,11 +229,11 @@ class RunnerStore:
         self.db.close()
 
 
-_COLUMNS = "body, arrival, state, seq, handle, stdout_sent, stderr_sent, outcome, kill_requested"
+_COLUMNS = "body, arrival, state, seq, handle, stdout_sent, stderr_sent, outcome, kill_requested, not_before"
 
 
 def _stored(row: tuple) -> StoredTask:
-    body, arrival, state, seq, handle, out_sent, err_sent, outcome, kill = row
+    body, arrival, state, seq, handle, out_sent, err_sent, outcome, kill, not_before = row
     return StoredTask(Task.model_validate_json(body), arrival, TaskState(state), seq,
                       json.loads(handle) if handle else None, out_sent, err_sent,
-                      json.loads(outcome) if outcome else None, bool(kill))
+                      json.loads(outcome) if outcome else None, bool(kill), not_before)

@@ -84,7 +84,7 @@ async def cluster(tmp_path):
     await cluster.stop_host()
     topo = cluster.topo
     cleanup = await connection.channel()
-    for queue in (topo.ledger, topo.rpc, topo.dead):
+    for queue in (topo.ledger, topo.rpc, topo.pipelines, topo.dead):
         await cleanup.queue_delete(queue)
     for exchange in (topo.tasks, topo.control, topo.events, topo.dead):
         await cleanup.exchange_delete(exchange)

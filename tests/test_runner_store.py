@@ -56,6 +56,29 @@ def test_a_task_delivered_twice_is_recorded_once(store):
     assert len(store.unfinished()) == 1 and len(queued_events(store)) == 1
 
 
+def test_a_retry_handed_to_the_pool_comes_back_as_a_new_attempt_once(store):
+    """A pool task's next attempt goes back to the pool through the outbox; if it comes back here,
+    it replaces the old row (its events numbered from attempt 2's base), and only once."""
+    task = make_task(9).model_copy(update={"target": "any", "retries": 1})
+    store.accept(task)
+    following = task.model_copy(update={"attempt": 2})
+    store.retry(task, following, TaskState.FAILED, 1, "")
+    assert store.waiting_retry(9) and [s.state for s in store.unfinished()] == [TaskState.RETRYING]
+    assert store.requeue(following) is False   # the delay is over: to the pool, not queued here
+    assert store.handed_on(9) and not store.holds(following) and store.unfinished() == []
+    assert store.requeue(following) is False   # once
+    store.accept(following)
+    assert store.holds(following) and [s.task.attempt for s in store.unfinished()] == [2]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.accept(following)
+    rows = store.db.execute("SELECT exchange, routing_key, body FROM outbox ORDER BY id").fetchall()
+    assert [(exchange, key) for exchange, key, _ in rows if exchange == TOPO.tasks] == [(TOPO.tasks, "any")]
+    events = [StateEvent.from_bytes(body) for exchange, _, body in rows if exchange == TOPO.events]
+    assert [(e.state, e.attempt) for e in events] == [(TaskState.QUEUED, 1), (TaskState.RETRYING, 1),
+                                                      (TaskState.QUEUED, 2)]
+    assert events[-1].seq == (1 << 32) + 1
+
+
 def test_a_task_refused_on_arrival_is_recorded_finished(store):
     store.accept(make_task(8), TaskState.REJECTED, message="no such container")
     ((_, _, event),) = queued_events(store)

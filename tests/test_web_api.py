@@ -102,7 +102,7 @@ async def start_web(tmp_path):
     connection = await aio_pika.connect(BROKER_URL)
     async with connection:
         topo = Topology(prefix)
-        for queue in (topo.ledger, topo.rpc, topo.dead):
+        for queue in (topo.ledger, topo.rpc, topo.pipelines, topo.dead):
             await (await connection.channel()).queue_delete(queue)
         for exchange in (topo.tasks, topo.control, topo.events, topo.dead):
             await (await connection.channel()).exchange_delete(exchange)

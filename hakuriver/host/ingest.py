@@ -50,7 +50,8 @@ def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, f
     ``from_tasks``: the message came from the tasks exchange (runners bind the ledger
     there too), so it is a task as submitted: its ``pending`` event, owned by ``owner`` (the
     message's broker-checked ``user_id``), whatever its body's ``user`` says. Without an
-    owner it is recorded with none; the runner rejects it ("no authenticated user").
+    owner it is recorded with none; the runner rejects it ("no authenticated user"). A task a
+    service passes on has the owner it names (:func:`hakuriver.identity.task_owner`: the caller's job).
     """
     batch = Ingested() if into is None else into
     try:

@@ -85,6 +85,11 @@ tasks_table = Table(
     Column("stderr_bytes", BigInteger, nullable=False),
     Column("unenforced", JSON),
     Column("lost_by_host", Boolean, nullable=False),
+    Column("retries", Integer),         # --retries: runs allowed after the first
+    Column("retry_delay", Float),
+    Column("attempt", Integer),         # the attempt the state, exit code and output columns are about
+    Column("attempts", JSON),           # a retried task: one record per attempt (attempt_record)
+    Column("after", JSON),              # --after: the tasks it waited for
     # Listing is "filter, newest first": (filter, task_id) lets the database walk the
     # index backwards and stop after `limit` rows instead of sorting every match.
     Index("ix_tasks_state", "state", "task_id"),
@@ -104,12 +109,13 @@ nodes_table = Table(
 # Columns a task's submission fixes; filled from ``event.task`` whenever an event has it.
 _SPEC_FIELDS = ("batch_id", "target", "numa", "command", "args", "env", "cores", "memory", "gpus", "gpu_count",
                 "container",
-                "privileged", "mounts", "user", "submit_host", "submitted_at")
+                "privileged", "mounts", "user", "submit_host", "submitted_at", "retries", "retry_delay", "after")
 _TASK_COLUMNS = tuple(column.name for column in tasks_table.columns)
 # What the RPC shows of a task (the ledger's bookkeeping columns stay inside).
 TASK_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_code", "command", "args", "env",
                "cores", "memory", "gpus", "gpu_count", "container", "privileged", "mounts", "user", "submit_host",
-               "submitted_at", "queued_at", "started_at", "finished_at", "message", "stdout_bytes", "stderr_bytes", "unenforced")
+               "submitted_at", "queued_at", "started_at", "finished_at", "message", "stdout_bytes", "stderr_bytes", "unenforced",
+               "retries", "retry_delay", "attempt", "attempts", "after")
 
 
 def _empty_row(task_id: int) -> dict[str, Any]:
@@ -117,7 +123,7 @@ def _empty_row(task_id: int) -> dict[str, Any]:
     describes it). ``seq`` -1 lets the first real event (seq 0, ``pending``) apply."""
     row = dict.fromkeys(_TASK_COLUMNS)
     row.update(task_id=task_id, state=TaskState.PENDING.value, seq=-1, stdout_bytes=0, stderr_bytes=0,
-               lost_by_host=False, message="", unenforced=[])
+               lost_by_host=False, message="", unenforced=[], attempt=1, retries=0, after=[])
     return row
 
 
@@ -141,6 +147,10 @@ def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
         _fill_missing_time(row, ev)
         return False
     row.update(state=ev.state.value, seq=ev.seq, exit_code=ev.exit_code, message=ev.message, lost_by_host=False)
+    if ev.attempt != (row["attempt"] or 1):  # a later attempt: the output columns are its own from now on
+        row["attempt"] = ev.attempt
+        earlier = _attempt_record(row, ev.attempt) if row["attempts"] else {}
+        row["stdout_bytes"], row["stderr_bytes"] = earlier.get("stdout_bytes", 0), earlier.get("stderr_bytes", 0)
     if ev.node:
         row["node"] = ev.node
     if ev.unenforced:
@@ -157,7 +167,38 @@ def apply_state_event(row: dict[str, Any], ev: StateEvent) -> bool:
         row["finished_at"] = None  # back from a host-marked "lost"
     elif ev.state in TERMINAL:
         row["finished_at"] = ev.time
+    if row["retries"] or ev.attempt > 1:
+        _note_attempt(row, ev)
     return True
+
+
+def _attempt_record(row: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """The record of one attempt of a retried task in ``row["attempts"]`` (made when missing)."""
+    records = row["attempts"] = [dict(r) for r in (row["attempts"] or [])]
+    for record in records:
+        if record["attempt"] == attempt:
+            return record
+    record = {"attempt": attempt, "node": None, "state": TaskState.PENDING.value, "exit_code": None, "message": "",
+              "started_at": None, "finished_at": None, "stdout_bytes": 0, "stderr_bytes": 0}
+    records.append(record)
+    records.sort(key=lambda r: r["attempt"])
+    return record
+
+
+def _note_attempt(row: dict[str, Any], ev: StateEvent) -> None:
+    """Keep the attempt's record up to date with ``ev`` (applied): ``retrying`` ends an attempt as
+    ``failed`` or ``lost`` (its ``ended``), a terminal state ends the last one."""
+    record = _attempt_record(row, ev.attempt)
+    record.update(node=ev.node or record["node"], exit_code=ev.exit_code, message=ev.message)
+    if ev.state is TaskState.RETRYING:
+        record.update(state=(ev.ended or TaskState.FAILED).value, finished_at=ev.time)
+    else:
+        record["state"] = ev.state.value
+        if ev.state is TaskState.RUNNING and record["started_at"] is None:
+            record["started_at"] = ev.time
+        if ev.state in TERMINAL:
+            record["finished_at"] = ev.time
+    record["stdout_bytes"], record["stderr_bytes"] = row["stdout_bytes"], row["stderr_bytes"]
 
 
 def _fill_missing_time(row: dict[str, Any], ev: StateEvent) -> None:
@@ -168,7 +209,8 @@ def _fill_missing_time(row: dict[str, Any], ev: StateEvent) -> None:
 
 # Columns added after the first release: a ledger made before them gets them on open
 # (nullable, so the rows it holds read as "asked for no GPU").
-_ADDED_COLUMNS = {"gpus": "JSON", "gpu_count": "INTEGER"}
+_ADDED_COLUMNS = {"gpus": "JSON", "gpu_count": "INTEGER", "retries": "INTEGER", "retry_delay": "FLOAT",
+                  "attempt": "INTEGER", "attempts": "JSON", "after": "JSON"}
 
 
 def _add_missing_columns(conn: Any) -> None:
@@ -228,6 +270,7 @@ class OutputSlice:
     size: int
     state: str
     terminal: bool
+    attempt: int = 1   # which attempt's output this is (a retried task's later ones restart at offset 0)
 
 
 class UnknownTask(LookupError):
@@ -250,11 +293,12 @@ class _OutputFiles:
         self.capacity = capacity
         self._open: OrderedDict[Path, int] = OrderedDict()
 
-    def path(self, task_id: int, stream: str) -> Path:
-        return self.log_dir / f"{task_id}.{stream}"
+    def path(self, task_id: int, stream: str, attempt: int = 1) -> Path:
+        """``<id>.<stream>``; a retried task's later attempts ``<id>.attempt<K>.<stream>``."""
+        return self.log_dir / (f"{task_id}.{stream}" if attempt == 1 else f"{task_id}.attempt{attempt}.{stream}")
 
-    def write(self, task_id: int, stream: str, offset: int, data: bytes) -> None:
-        path = self.path(task_id, stream)
+    def write(self, task_id: int, stream: str, offset: int, data: bytes, attempt: int = 1) -> None:
+        path = self.path(task_id, stream, attempt)
         fd = self._open.pop(path, None)
         if fd is None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
@@ -265,9 +309,9 @@ class _OutputFiles:
         while written < len(data):
             written += os.pwrite(fd, data[written:], offset + written)
 
-    def read(self, task_id: int, stream: str, offset: int, length: int) -> bytes:
+    def read(self, task_id: int, stream: str, offset: int, length: int, attempt: int = 1) -> bytes:
         try:
-            fd = os.open(self.path(task_id, stream), os.O_RDONLY)
+            fd = os.open(self.path(task_id, stream, attempt), os.O_RDONLY)
         except FileNotFoundError:
             return b""
         try:
@@ -292,6 +336,11 @@ class Ledger:
         # One writer at a time: on SQLite a read transaction that another writer got
         # ahead of cannot be upgraded to a write (SQLITE_BUSY_SNAPSHOT).
         self._write_lock = asyncio.Lock()
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held by whoever writes (ingestion, offline marking, pipelines): one writer at a time."""
+        return self._write_lock
 
     @property
     def dialect(self) -> str:
@@ -345,7 +394,12 @@ class Ledger:
             for chunk, data in chunks:
                 column = f"{chunk.stream}_bytes"
                 row = rows[chunk.task_id]
-                row[column] = max(row[column], chunk.offset + len(data))
+                end = chunk.offset + len(data)
+                if chunk.attempt == (row["attempt"] or 1):
+                    row[column] = max(row[column], end)
+                if row["attempts"] or chunk.attempt != (row["attempt"] or 1):  # a retried task: per attempt too
+                    record = _attempt_record(row, chunk.attempt)
+                    record[column] = max(record[column], end)
                 changed.add(chunk.task_id)
             await self._write_rows(conn, [rows[i] for i in changed if i in new_ids],
                                    [rows[i] for i in changed if i not in new_ids])
@@ -354,7 +408,7 @@ class Ledger:
 
     def _write_chunks(self, chunks: list[tuple[OutputChunk, bytes]]) -> None:
         for chunk, data in chunks:
-            self._files.write(chunk.task_id, chunk.stream, chunk.offset, data)
+            self._files.write(chunk.task_id, chunk.stream, chunk.offset, data, chunk.attempt)
 
     async def _load_rows(self, conn: AsyncConnection, task_ids: set[int]) -> dict[int, dict[str, Any]]:
         rows: dict[int, dict[str, Any]] = {}
@@ -418,11 +472,11 @@ class Ledger:
             if not offline:
                 return []
             lost = (await conn.execute(
-                select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq)
+                select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq, tasks_table.c.attempt)
                 .where(tasks_table.c.state.in_([TaskState.RUNNING.value, TaskState.PAUSED.value]),
                        tasks_table.c.node.in_(offline)))).all()
             events = [StateEvent(task_id=row.task_id, node=row.node, state=TaskState.LOST, seq=row.seq, time=now,
-                                 message=f"node {row.node} went offline") for row in lost]
+                                 attempt=row.attempt or 1, message=f"node {row.node} went offline") for row in lost]
             if events:
                 await conn.execute(
                     update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")),
@@ -484,7 +538,8 @@ class Ledger:
         return row[0] or ""
 
     async def read_output(self, task_id: int, stream: str, offset: int = 0,
-                          length: int = MAX_READ_BYTES) -> OutputSlice:
+                          length: int = MAX_READ_BYTES, attempt: int | None = None) -> OutputSlice:
+        """A slice of a task's stored output: of its latest attempt, or of ``attempt`` (a retried task's earlier run)."""
         if stream not in STREAMS:
             raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
         if offset < 0 or not 0 <= length <= MAX_READ_BYTES:
@@ -492,19 +547,28 @@ class Ledger:
         column = tasks_table.c[f"{stream}_bytes"]
         async with self.engine.connect() as conn:
             row = (await conn.execute(
-                select(column, tasks_table.c.state).where(tasks_table.c.task_id == task_id))).first()
+                select(column, tasks_table.c.state, tasks_table.c.attempt, tasks_table.c.attempts)
+                .where(tasks_table.c.task_id == task_id))).first()
         if row is None:
             raise UnknownTask(task_id)
-        size, state = row[0], row[1]
+        size, state, latest = row[0], row[1], row[2] or 1
+        if attempt is not None and attempt != latest:
+            record = next((r for r in row[3] or [] if r["attempt"] == attempt), None)
+            if record is None or attempt > latest:
+                raise ValueError(f"task {task_id} has no attempt {attempt} (attempts 1 to {latest})")
+            size, state = record[f"{stream}_bytes"], record["state"]
+            terminal = True  # a later attempt follows it: this one is over
+        else:
+            attempt, terminal = latest, TaskState(state) in TERMINAL
         wanted = max(0, min(length, size - offset))
-        data = await asyncio.to_thread(self._files.read, task_id, stream, offset, wanted) if wanted else b""
+        data = await asyncio.to_thread(self._files.read, task_id, stream, offset, wanted, attempt) if wanted else b""
         if len(data) < wanted:
             # Bytes are written to the file before the ledger counts them, so a short read
             # means the file was removed or cut after the fact.
-            path = self._files.path(task_id, stream)
+            path = self._files.path(task_id, stream, attempt)
             raise OutputMissing(f"the stored {stream} of task {task_id} is missing or cut short: the ledger "
                                 f"records {size} bytes, {path} holds {offset + len(data)}")
-        return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=TaskState(state) in TERMINAL)
+        return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=terminal, attempt=attempt)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hakuriver import __version__, identity
-from hakuriver.bounds import INT64, LIST_PAGE_BYTES, MAX_LIST_LIMIT, MAX_READ_BYTES
+from hakuriver.bounds import INT64, LIST_PAGE_BYTES, MAX_LIST_LIMIT, MAX_READ_BYTES, MAX_RETRIES
 from hakuriver.host.ledger import Ledger, OutputMissing, UnknownTask
 from hakuriver.messages import RpcReply, one_line
 from hakuriver.states import TaskState
@@ -56,6 +56,7 @@ class OutputParams(_Params):
     offset: int = Field(default=0, ge=0, lt=INT64)
     length: int = Field(default=MAX_READ_BYTES, ge=0, le=MAX_READ_BYTES)
     wait: float = Field(default=0.0, ge=0, le=MAX_OUTPUT_WAIT)
+    attempt: int | None = Field(default=None, ge=1, le=MAX_RETRIES + 1)  # a retried task's earlier run; None: the latest
 
 
 class LedgerChanges:
@@ -155,10 +156,11 @@ class Queries:
         deadline = loop.time() + query.wait
         while True:
             generation = self.changes.generation
-            piece = await self.ledger.read_output(query.task_id, query.stream, query.offset, query.length)
+            piece = await self.ledger.read_output(query.task_id, query.stream, query.offset, query.length,
+                                                  query.attempt)
             remaining = deadline - loop.time()
             if piece.data or piece.terminal or remaining <= 0:
                 break
             await self.changes.wait_past(generation, remaining)
         return {"data": base64.b64encode(piece.data).decode("ascii"), "offset": piece.offset, "size": piece.size,
-                "state": piece.state, "terminal": piece.terminal}
+                "state": piece.state, "terminal": piece.terminal, "attempt": piece.attempt}

@@ -39,6 +39,7 @@ from hakuriver.cli_options import config_option
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.host.ingest import Ingested, Malformed, parse_event
 from hakuriver.host.ledger import Ledger
+from hakuriver.host.pipelines import Pipelines
 from hakuriver.host.queries import LedgerChanges, Queries
 from hakuriver.host.web import WebContext, WebServer
 from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line
@@ -91,6 +92,7 @@ class Host:
         self._started_at = 0.0        # start, or last reconnect: offline checks wait a window after it
         self._connected = False
         self._outbox: Outbox | None = None
+        self.pipelines: Pipelines | None = None  # holds --after tasks (hakuriver/host/pipelines.py)
         self.web: WebServer | None = None    # the dashboard, when [web] listen is set
 
     # -- life cycle ------------------------------------------------------------------
@@ -101,6 +103,8 @@ class Host:
         outbox_db = sqlite3.connect(Path(self.config.paths.state_dir) / "host-outbox.db")
         outbox_db.execute("PRAGMA journal_mode=WAL")
         self._outbox = Outbox(outbox_db)
+        self.pipelines = Pipelines(self.ledger, self._outbox, self.topo, self.services, self.config.security.admins)
+        await self.pipelines.open()
         self._connection = await self._connect(retry)
         self._connected = True
         self._connection.close_callbacks.add(self._on_disconnect)
@@ -123,6 +127,10 @@ class Host:
                        asyncio.create_task(self._outbox.drain_forever(self._publish_event), name="host-outbox")]
         self._consumers = [(ledger_queue, await ledger_queue.consume(self._on_ledger_message)),
                            (rpc_queue, await rpc_queue.consume(self._on_rpc_request))]
+        held_channel = await self._connection.channel()
+        await held_channel.set_qos(prefetch_count=RPC_PREFETCH)
+        self._consumers.append(await self.pipelines.consume(held_channel, self._exchanges))
+        await self.pipelines.resolve()  # what ended while the host was away
         log.info("host serving %s (ledger %s, database %s)", self.topo.prefix, self.topo.ledger, self.ledger.dialect)
         if self.config.web.address is not None:
             await self._start_web(publish_channel)
@@ -152,8 +160,9 @@ class Host:
         log.info("host reconnected to the broker")
 
     async def _publish_event(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
-        await self._exchanges.events.publish(broker.persistent(body, headers, user_id=self.user),
-                                             routing_key=key, mandatory=False)
+        """The outbox's publisher: state events, and the tasks pipelines release (tasks exchange)."""
+        target = self._exchanges.tasks if exchange == self.topo.tasks else self._exchanges.events
+        await target.publish(broker.persistent(body, headers, user_id=self.user), routing_key=key, mandatory=False)
 
     async def _connect(self, retry: bool):
         delay = 1.0
@@ -254,7 +263,8 @@ class Host:
             raise Malformed(f"event from {message.user_id or identity.NO_USER!r}, which is no service account "
                             f"([security] service_accounts)")
         return parse_event(message.routing_key or "", message.headers, message.body,
-                           from_tasks=from_tasks, into=into, owner=message.user_id)
+                           from_tasks=from_tasks, into=into,
+                           owner=identity.task_owner(message.user_id, message.headers, self.services))
 
     async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
         # The database or disk is unavailable: hand everything back and slow down.
@@ -276,6 +286,8 @@ class Host:
     async def _store(self, ingested: Ingested) -> None:
         self.events_applied += await self.ledger.ingest(ingested.events, ingested.chunks, ingested.heartbeats)
         self.messages_ingested += len(ingested)
+        if self.pipelines is not None and any(event.state.terminal for event in ingested.events):
+            await self.pipelines.resolve()  # a task that ended may decide the tasks held after it
         await self._notify_changed()
 
     async def _settle(self, message: AbstractIncomingMessage, multiple: bool = True, requeue: bool | None = None) -> None:
@@ -330,6 +342,7 @@ class Host:
                 self._outbox.add(self.topo.events, Topology.state_key(event.task_id), event.to_bytes())
         if lost:
             await self._notify_changed()
+            await self.pipelines.resolve()  # tasks held after a lost one never run
         return lost
 
     # -- RPC -------------------------------------------------------------------------

@@ -28,8 +28,10 @@ class Action:
 
 async def send_kill(control: AbstractExchange, task: dict[str, Any], user: str) -> dict[str, Any]:
     """The same Kill control message the CLI sends, to the task's node; to every node
-    (``all``) while it has none, or if its node's control queue is gone."""
-    node = task.get("node") or ALL_NODES_KEY
+    (``all``) while it has none, is held (the host's pipelines end it) or between two attempts,
+    or if its node's control queue is gone."""
+    anywhere = task["state"] in (TaskState.HELD, TaskState.RETRYING)
+    node = ALL_NODES_KEY if anywhere else task.get("node") or ALL_NODES_KEY
     # Sent as the host's own (service) account, which runners believe: the dashboard checked
     # ``user`` against the owner-or-admin rule before calling this.
     body = broker.persistent(Kill(task_id=task["task_id"], user=user).to_bytes(),

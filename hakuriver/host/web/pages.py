@@ -207,6 +207,13 @@ def task(t: dict[str, Any], outputs: dict[str, tuple[str, int]], user: str | Non
              ("message", f'<span id="message">{e(t.get("message") or "—")}</span>')]
     if t.get("unenforced"):
         facts.append(("not enforced", e(", ".join(t["unenforced"]))))
+    if t.get("after"):  # a pipeline stage: the tasks it waits (waited) for
+        facts.append(("after", ", ".join(f'<a href="/tasks/{d}">{d}</a>' for d in t["after"])))
+    for record in t.get("attempts") or []:  # a retried task: each attempt's outcome
+        exit_code = "" if record.get("exit_code") is None else f" (exit {record['exit_code']})"
+        facts.append((f"attempt {record['attempt']}",
+                      e(f"{record['state']}{exit_code} on {record.get('node') or '—'}") +
+                      f", started {when(record.get('started_at'))}"))
     reason = waiting_reason(t)
     if reason:
         facts.insert(0, ("waiting", f'<span id="waiting">{e(reason)}</span>'))
