@@ -19,7 +19,7 @@ rows, the rules applied to plain dicts in Python, then one executemany of insert
 one of updates.
 
 Each write (and the RPC reads) is a plain synchronous function of one connection, run by
-:meth:`Ledger._run`. On SQLite the whole function runs in one hop to a thread of the
+:meth:`Ledger.run`. On SQLite the whole function runs in one hop to a thread of the
 ledger's own (a plain ``sqlite3`` connection), not statement by statement through
 aiosqlite: every aiosqlite call is a round trip between the event loop and its thread,
 and a small batch (what a steady trickle of tasks gives) made a dozen of them, about
@@ -57,7 +57,7 @@ DEFAULT_LIST_LIMIT = 50
 STREAMS = ("stdout", "stderr")
 _IN_CHUNK = 500          # ids per "IN (...)" clause; SQLite's bound-parameter limit is far above
 _OPEN_FILES = 64         # output files kept open between batches
-LEDGER_THREADS = 2       # SQLite: threads (each with its connection) that run Ledger._run: a write and a read at once
+LEDGER_THREADS = 2       # SQLite: threads (each with its connection) that run Ledger.run: a write and a read at once
 
 # On SQLite a plain INTEGER PRIMARY KEY is the rowid itself (64-bit signed): lookups and
 # "ORDER BY task_id DESC" need no separate index. Elsewhere it is a BIGINT.
@@ -102,6 +102,8 @@ tasks_table = Table(
     Index("ix_tasks_node", "node", "task_id"),
     Index("ix_tasks_batch", "batch_id", "task_id"),
     Index("ix_tasks_user", "user", "task_id"),         # the dashboard's owner filter
+    # /metrics counts ended tasks by node and outcome: a walk of this index, not of 100,000 rows
+    Index("ix_tasks_state_node", "state", "node"),
 )
 
 nodes_table = Table(
@@ -299,7 +301,7 @@ class Ledger:
         self.url = url
         self.log_dir = Path(log_dir)
         self.engine: AsyncEngine | None = None
-        # SQLite: the same file through the plain sqlite3 driver, for :meth:`_run` (see the module docstring)
+        # SQLite: the same file through the plain sqlite3 driver, for :meth:`run` (see the module docstring)
         self._sync_engine: Engine | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._files = _OutputFiles(self.log_dir)
@@ -341,7 +343,7 @@ class Ledger:
             await self.engine.dispose()
             self.engine = None
 
-    async def _run(self, body: Callable[..., Any], *args: Any, write: bool = False) -> Any:
+    async def run(self, body: Callable[..., Any], *args: Any, write: bool = False) -> Any:
         """``body(connection, *args)`` in one transaction (committed if ``write``, else
         rolled back); on SQLite in one hop to a ledger thread, elsewhere on the async engine."""
         if self._sync_engine is not None:
@@ -373,7 +375,7 @@ class Ledger:
         # Several events of one task in a batch apply in seq order, as if they had arrived so.
         events.sort(key=lambda ev: (ev.task_id, ev.seq))
         async with self._write_lock:
-            return await self._run(_ingest_batch, events, chunks, heartbeats, now, write=True)
+            return await self.run(_ingest_batch, events, chunks, heartbeats, now, write=True)
 
     def _write_chunks(self, chunks: list[tuple[OutputChunk, bytes]]) -> None:
         for chunk, data in chunks:
@@ -384,7 +386,7 @@ class Ledger:
         running (or paused) become ``lost`` (by the host, seq unchanged). Returns the events to publish."""
         now = time.time() if now is None else now
         async with self._write_lock:
-            return await self._run(_mark_offline, offline_after, now, write=True)
+            return await self.run(_mark_offline, offline_after, now, write=True)
 
     # -- queries ---------------------------------------------------------------------
 
@@ -392,7 +394,7 @@ class Ledger:
         """Tasks by id, in the order asked; unknown ids are left out. A task not started
         yet says why it waits (:func:`~hakuriver.host.waiting.waiting_reason`)."""
         ids = list(dict.fromkeys(task_ids))
-        rows = await self._run(_load_rows, set(ids))
+        rows = await self.run(_load_rows, set(ids))
         tasks = [task_dict(rows[task_id]) for task_id in ids if task_id in rows]
         if any(t["state"] in (TaskState.PENDING.value, TaskState.QUEUED.value) for t in tasks):
             nodes = {node["name"]: node for node in await self.list_nodes()}
@@ -420,17 +422,17 @@ class Ledger:
             query = query.where(tasks_table.c.user == user)
         if before is not None:
             query = query.where(tasks_table.c.task_id < before)
-        return await self._run(_summaries, query)
+        return await self.run(_summaries, query)
 
     async def list_nodes(self, name: str | None = None) -> list[dict[str, Any]]:
         query = select(nodes_table).order_by(nodes_table.c.name)
         if name is not None:
             query = query.where(nodes_table.c.name == name)
-        return await self._run(_node_dicts, query)
+        return await self.run(_node_dicts, query)
 
     async def owner(self, task_id: int) -> str:
         """The task's owner (its broker-checked user); :class:`UnknownTask` if there is no such task."""
-        row = await self._run(_first, select(tasks_table.c.user).where(tasks_table.c.task_id == task_id))
+        row = await self.run(_first, select(tasks_table.c.user).where(tasks_table.c.task_id == task_id))
         if row is None:
             raise UnknownTask(task_id)
         return row[0] or ""
@@ -442,7 +444,7 @@ class Ledger:
         if offset < 0 or not 0 <= length <= MAX_READ_BYTES:
             raise ValueError(f"offset must be >= 0 and length between 0 and {MAX_READ_BYTES}")
         column = tasks_table.c[f"{stream}_bytes"]
-        row = await self._run(_first, select(column, tasks_table.c.state).where(tasks_table.c.task_id == task_id))
+        row = await self.run(_first, select(column, tasks_table.c.state).where(tasks_table.c.task_id == task_id))
         if row is None:
             raise UnknownTask(task_id)
         size, state = row[0], row[1]
@@ -457,7 +459,7 @@ class Ledger:
         return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=TaskState(state) in TERMINAL)
 
 
-# ---- the bodies Ledger._run runs, each on one synchronous connection ------------------
+# ---- the bodies Ledger.run runs, each on one synchronous connection ------------------
 
 def _ingest_batch(conn: Connection, events: list[StateEvent], chunks: list[tuple[OutputChunk, bytes]],
                   heartbeats: list[Heartbeat], now: float) -> int:
