@@ -58,6 +58,14 @@ SOURCE = "host"
 RUNNER_RECONNECT_S = broker.RECONNECT_INTERVAL_S + 1.0
 
 
+def may_judge_silence(connected: bool, since_start: float, offline_after: float, behind: bool) -> bool:
+    """Whether a runner's silence may count now: not while the host is disconnected, not within
+    a full window after it (re)connected (``since_start`` seconds ago; the last_seen times are
+    from before it was away), and not while deliveries wait in its inbox (``behind``: a burst of
+    events on a busy machine, with the heartbeats queued behind them)."""
+    return connected and since_start >= offline_after and not behind
+
+
 def _take_waiting(inbox: asyncio.Queue, batch: list, limit: int) -> None:
     """Move what waits in ``inbox`` onto ``batch`` (up to ``limit`` in all)."""
     while len(batch) < limit and not inbox.empty():
@@ -316,11 +324,8 @@ class Host:
             await asyncio.sleep(max(timing.heartbeat_interval / 2, 0.05))
             # After a (re)start or reconnect, give every runner one full timeout to be heard
             # from: the last_seen times in the database are from before the host was away.
-            if not self._connected or time.monotonic() - self._started_at < timing.offline_after:
-                continue
-            # Behind on the ledger queue (a burst of thousands of events on a busy machine): the
-            # heartbeats wait in it behind them, so silence says nothing until the host caught up.
-            if not self._inbox.empty():
+            if not may_judge_silence(self._connected, time.monotonic() - self._started_at, timing.offline_after,
+                                     behind=not self._inbox.empty()):
                 continue
             try:
                 await self.check_offline()

@@ -171,10 +171,13 @@ def allocation(node: dict[str, Any]) -> dict[str, float | int | None]:
 async def finished_by_node(ledger: Ledger) -> list[tuple[str, str, int]]:
     """(node, outcome, tasks) for every ended task: the finished counter of /metrics (a walk of
     the covering index ``(state, node)``, not of the table)."""
+    return [(node, state, count) for node, state, count in await ledger.run(_all_rows, finished_by_node_query())]
+
+
+def finished_by_node_query() -> Any:
     t = tasks_table.c
-    query = (select(func.coalesce(t.node, ""), t.state, func.count())
-             .where(t.state.in_([state.value for state in TERMINAL])).group_by(t.state, t.node))
-    return [(node, state, count) for node, state, count in await ledger.run(_all_rows, query)]
+    return (select(func.coalesce(t.node, ""), t.state, func.count())
+            .where(t.state.in_([state.value for state in TERMINAL])).group_by(t.state, t.node))
 
 
 async def histogram(ledger: Ledger, start: Any, end: Any, buckets: tuple[float, ...]) -> tuple[list[int], int, float]:
