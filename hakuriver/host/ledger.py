@@ -204,6 +204,11 @@ LIST_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_c
                "container", "user", "submitted_at", "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 
 
+# What task_summary reads: a list query selects these alone (not the environment or mounts,
+# whose JSON would be decoded for every row only to be dropped).
+_SUMMARY_COLUMNS = [tasks_table.c[name] for name in (*LIST_FIELDS, "command", "args", "message")]
+
+
 def task_summary(row: Any) -> dict[str, Any]:
     """A task as a list shows it: LIST_FIELDS, ``command`` and ``args`` cut to LIST_TEXT_CHARS
     characters together (``truncated`` says whether anything was cut), ``message`` cut too."""
@@ -411,7 +416,7 @@ class Ledger:
         than a page to learn whether another page follows."""
         if not 1 <= limit <= MAX_LIST_LIMIT + 1:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}")
-        query = select(tasks_table).order_by(tasks_table.c.task_id.desc()).limit(limit)
+        query = select(*_SUMMARY_COLUMNS).order_by(tasks_table.c.task_id.desc()).limit(limit)
         if state is not None:
             query = query.where(tasks_table.c.state == TaskState(state).value)
         if node is not None:
