@@ -61,8 +61,9 @@ RUNNER_RECONNECT_S = broker.RECONNECT_INTERVAL_S + 1.0
 def may_judge_silence(connected: bool, since_start: float, offline_after: float, behind: bool) -> bool:
     """Whether a runner's silence may count now: not while the host is disconnected, not within
     a full window after it (re)connected (``since_start`` seconds ago; the last_seen times are
-    from before it was away), and not while deliveries wait in its inbox (``behind``: a burst of
-    events on a busy machine, with the heartbeats queued behind them)."""
+    from before it was away), and not while it is ``behind`` on the ledger queue: on a busy
+    machine a burst of events can outrun ingestion, and the heartbeats wait behind them, so a
+    node whose runner is alive would look silent (its tasks ``lost``) until the host caught up."""
     return connected and since_start >= offline_after and not behind
 
 
@@ -104,6 +105,8 @@ class Host:
         self._started_at = 0.0        # start, or last reconnect: offline checks wait a window after it
         self._connected = False
         self._outbox: Outbox | None = None
+        self._ingesting = False       # a batch is being stored (its deliveries have left the inbox)
+        self._depth_channel: AbstractChannel | None = None   # passive declares: the ledger queue's depth
         self.web: WebServer | None = None    # the dashboard, when [web] listen is set
 
     # -- life cycle ------------------------------------------------------------------
@@ -211,12 +214,15 @@ class Host:
     async def _ingest_forever(self) -> None:
         while True:
             batch = await self._collect_batch()
+            self._ingesting = True
             try:
                 await self._ingest(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("ingesting a batch of %d messages failed", len(batch))
+            finally:
+                self._ingesting = False
 
     async def _collect_batch(self) -> list[AbstractIncomingMessage]:
         """At least one message; then more until none arrives for BATCH_GAP, or BATCH_MAX,
@@ -324,8 +330,10 @@ class Host:
             await asyncio.sleep(max(timing.heartbeat_interval / 2, 0.05))
             # After a (re)start or reconnect, give every runner one full timeout to be heard
             # from: the last_seen times in the database are from before the host was away.
-            if not may_judge_silence(self._connected, time.monotonic() - self._started_at, timing.offline_after,
-                                     behind=not self._inbox.empty()):
+            since_start = time.monotonic() - self._started_at
+            if not may_judge_silence(self._connected, since_start, timing.offline_after, behind=False):
+                continue
+            if not may_judge_silence(self._connected, since_start, timing.offline_after, behind=await self._behind()):
                 continue
             try:
                 await self.check_offline()
@@ -333,6 +341,20 @@ class Host:
                 raise
             except Exception:
                 log.exception("offline check failed")
+
+    async def _behind(self) -> bool:
+        """Whether messages wait for ingestion: in the inbox, in the batch being stored, or
+        still on the ledger queue (a passive declare tells; unknown counts as behind)."""
+        if self._ingesting or not self._inbox.empty():
+            return True
+        try:
+            if self._depth_channel is None or self._depth_channel.is_closed:
+                self._depth_channel = await self._connection.channel()
+            queue = await self._depth_channel.declare_queue(self.topo.ledger, passive=True)
+            return queue.declaration_result.message_count > 0
+        except Exception as exc:
+            log.debug("ledger queue depth unknown: %s", exc)
+            return True
 
     async def check_offline(self) -> list[StateEvent]:
         """Mark silent nodes offline and their running tasks lost; tell the world."""
