@@ -18,13 +18,15 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import broker_memory, docker_tasks, executor, fifty, footprint, latency, ledger, throughput, web
+from bench import (broker_memory, celery_baseline, docker_tasks, executor, fifty, footprint, latency, ledger,
+                   throughput, web)
 from bench.harness import Row, failed_row, say, table
 
 # name → (module, seconds it may take, the rows it makes when it fails: figure, goal)
 SECTIONS = {
     "latency": (latency, 120, [("`--wait` round trip / API round trip / start-up", "see goals")]),
     "throughput": (throughput, 150, [("1,000 tasks / 10,000-task sweep", "≥ 0.55 / ≥ 0.5")]),
+    "celery": (celery_baseline, 200, [("1,000 tasks / one task against Celery", "≥ 1.0 / median ≤ Celery's")]),
     "docker": (docker_tasks, 120, [("Docker `echo hi` / 50 Docker tasks", "≤ +30 ms / ≥ 0.85")]),
     "ledger": (ledger, 150, [("ledger ingestion / `--list-tasks` on 100,000 tasks", "≥ 2,000/s / p95 ≤ 200 ms")]),
     "footprint": (footprint, 200, [("runner RSS / hakurun overhead", "≤ 60 MB, flat / ≤ 2 ms")]),
@@ -38,7 +40,7 @@ SECTIONS = {
 OPT_IN = {"fifty", "broker-memory"}
 
 # The order of the table, by a word each figure starts with or contains.
-ORDER = ["`--wait", "warm Python API", "trivial host tasks", "`--sweep`", "Docker `echo hi`", "Docker tasks, 2",
+ORDER = ["`--wait", "warm Python API", "one task against Celery", "trivial host tasks", "tasks against Celery", "`--sweep`", "Docker `echo hi`", "Docker tasks, 2",
          "ledger ingestion", "`--list-tasks`", "`--help` start-up", "submit start-up", "runner idle",
          "runner RSS while", "hakurun", "host task overhead", "dashboard", "runners online", "idle with",
          "`--list-nodes` with", "pool sweep over", "broker memory per runner"]

@@ -33,7 +33,8 @@ async def _spawn_true(count: int, at_once: int) -> float:
     return time.perf_counter() - start
 
 
-async def _run_tasks(cluster: Cluster, count: int) -> float:
+async def run_tasks(cluster: Cluster, count: int) -> float:
+    """Seconds from one API submission of ``count`` ``true`` tasks (``--cores 1``) on node1 to the last result."""
     from client.api import Client, TaskSpec
 
     async with Client(cluster.load_config()) as client:
@@ -52,7 +53,7 @@ def many_tasks_row(root: Path) -> Row:
     baseline = asyncio.run(_spawn_true(TASKS, 2))
     with Cluster(root / "many", ["node1"], node={"cores": 2}) as cluster:
         cluster.start()
-        measured = asyncio.run(_run_tasks(cluster, TASKS))
+        measured = asyncio.run(run_tasks(cluster, TASKS))
     base_rate, rate = TASKS / baseline, TASKS / measured
     return Row(f"{TASKS:,} trivial host tasks (`true`, `--cores 1` on 2 cores), submit → all done",
                f"{base_rate:,.0f} tasks/s (asyncio spawn of `true`, 2 at a time)", f"{rate:,.0f} tasks/s "

@@ -18,7 +18,7 @@ import pytest
 
 from hakuriver import broker, rpc
 from hakuriver.config import BrokerConfig, Config, PathsConfig, SecurityConfig, TimingConfig, WebConfig
-from hakuriver.host.service import Host
+from hakuriver.host.service import Host, may_judge_silence
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
@@ -307,3 +307,12 @@ def test_config_error_exits_2(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "host.database" in result.stderr
+
+
+def test_silence_counts_only_when_connected_caught_up_and_a_window_after_start():
+    assert may_judge_silence(True, since_start=10.0, offline_after=5.0, behind=False)
+    assert not may_judge_silence(False, since_start=10.0, offline_after=5.0, behind=False)   # disconnected
+    assert not may_judge_silence(True, since_start=4.9, offline_after=5.0, behind=False)     # just (re)started
+    assert not may_judge_silence(True, since_start=-2.0, offline_after=5.0, behind=False)    # reconnect grace
+    # deliveries wait in the host's inbox: the runners' heartbeats may be among them
+    assert not may_judge_silence(True, since_start=10.0, offline_after=5.0, behind=True)

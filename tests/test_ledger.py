@@ -15,7 +15,9 @@ import uuid
 import asyncpg
 import pytest
 
-from hakuriver.host.ledger import Ledger, OutputMissing, UnknownTask, metadata, task_summary, tasks_table
+from hakuriver.host.ledger import (Ledger, OutputMissing, UnknownTask, _ingest_batch, metadata, task_summary,
+                                   tasks_table)
+from hakuriver.host.web.data import finished_by_node, finished_by_node_query
 from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
 from hakuriver.states import TaskState
 
@@ -263,5 +265,36 @@ async def test_listing_stays_fast_with_100k_rows(tmp_path):
         assert [t["task_id"] for t in queued][:2] == [99_983, 99_963]
         assert newest[0]["task_id"] == 49_999 and len(newest) == 50
         assert [t["task_id"] for t in batch] == list(range(99_999, 99_899, -1))
+    finally:
+        await ledger.close()
+
+
+async def test_a_write_that_fails_half_way_leaves_nothing_and_the_next_one_works(ledger):
+    """Ledger.run is one transaction (on SQLite in a ledger thread, elsewhere on the async engine):
+    a body that raises after writing is rolled back, and the connection serves the next write."""
+    def ingest_then_fail(conn):
+        _ingest_batch(conn, [event(1, "pending", 0, node=None, with_task=True)], [], [], 1000.0)
+        raise RuntimeError("the database refused something after the first write")
+
+    with pytest.raises(RuntimeError):
+        await ledger.run(ingest_then_fail, write=True)
+    assert await ledger.get_tasks([1]) == []
+    await ledger.ingest([event(1, "pending", 0, node=None, with_task=True), event(1, "completed", 3, exit_code=0)])
+    assert (await state_of(ledger, 1))["state"] == "completed"
+    # what the ledger's thread wrote, the async engine (the dashboard's reads) sees
+    async with ledger.engine.connect() as conn:
+        assert (await conn.execute(tasks_table.select().where(tasks_table.c.task_id == 1))).one().state == "completed"
+    assert await finished_by_node(ledger) == [("node1", "completed", 1)]
+
+
+async def test_metrics_count_of_ended_tasks_walks_an_index_not_the_table(tmp_path):
+    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}", tmp_path / "logs")
+    await ledger.open()
+    try:
+        def plan(conn):
+            sql = str(finished_by_node_query().compile(conn, compile_kwargs={"literal_binds": True}))
+            return " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+
+        assert "COVERING INDEX ix_tasks_state_node" in await ledger.run(plan)
     finally:
         await ledger.close()

@@ -17,6 +17,14 @@ Rules it keeps:
 SQLAlchemy Core (not the ORM) is used on purpose: a batch is one SELECT of the touched
 rows, the rules applied to plain dicts in Python, then one executemany of inserts and
 one of updates.
+
+Each write (and the RPC reads) is a plain synchronous function of one connection, run by
+:meth:`Ledger.run`. On SQLite the whole function runs in one hop to a thread of the
+ledger's own (a plain ``sqlite3`` connection), not statement by statement through
+aiosqlite: every aiosqlite call is a round trip between the event loop and its thread,
+and a small batch (what a steady trickle of tasks gives) made a dozen of them, about
+3 ms of CPU per batch on a 2-core machine. Elsewhere (PostgreSQL) the same function runs
+on the async engine through ``run_sync``.
 """
 
 from __future__ import annotations
@@ -26,15 +34,17 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
                         bindparam, event, insert, select, update)
-from sqlalchemy import inspect as inspect_schema, text as sql_text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import create_engine, inspect as inspect_schema, text as sql_text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import SingletonThreadPool
 
 from hakuriver.bounds import LIST_TEXT_CHARS, MAX_LIST_LIMIT, MAX_READ_BYTES
 from hakuriver.host.waiting import waiting_reason
@@ -47,6 +57,7 @@ DEFAULT_LIST_LIMIT = 50
 STREAMS = ("stdout", "stderr")
 _IN_CHUNK = 500          # ids per "IN (...)" clause; SQLite's bound-parameter limit is far above
 _OPEN_FILES = 64         # output files kept open between batches
+LEDGER_THREADS = 2       # SQLite: threads (each with its connection) that run Ledger.run: a write and a read at once
 
 # On SQLite a plain INTEGER PRIMARY KEY is the rowid itself (64-bit signed): lookups and
 # "ORDER BY task_id DESC" need no separate index. Elsewhere it is a BIGINT.
@@ -96,6 +107,8 @@ tasks_table = Table(
     Index("ix_tasks_node", "node", "task_id"),
     Index("ix_tasks_batch", "batch_id", "task_id"),
     Index("ix_tasks_user", "user", "task_id"),         # the dashboard's owner filter
+    # /metrics counts ended tasks by node and outcome: a walk of this index, not of 100,000 rows
+    Index("ix_tasks_state_node", "state", "node"),
 )
 
 nodes_table = Table(
@@ -233,6 +246,11 @@ LIST_FIELDS = ("task_id", "batch_id", "state", "node", "numa", "target", "exit_c
                "container", "user", "submitted_at", "started_at", "finished_at", "stdout_bytes", "stderr_bytes")
 
 
+# What task_summary reads: a list query selects these alone (not the environment or mounts,
+# whose JSON would be decoded for every row only to be dropped).
+_SUMMARY_COLUMNS = [tasks_table.c[name] for name in (*LIST_FIELDS, "command", "args", "message")]
+
+
 def task_summary(row: Any) -> dict[str, Any]:
     """A task as a list shows it: LIST_FIELDS, ``command`` and ``args`` cut to LIST_TEXT_CHARS
     characters together (``truncated`` says whether anything was cut), ``message`` cut too."""
@@ -332,6 +350,9 @@ class Ledger:
         self.url = url
         self.log_dir = Path(log_dir)
         self.engine: AsyncEngine | None = None
+        # SQLite: the same file through the plain sqlite3 driver, for :meth:`run` (see the module docstring)
+        self._sync_engine: Engine | None = None
+        self._threads: ThreadPoolExecutor | None = None
         self._files = _OutputFiles(self.log_dir)
         # One writer at a time: on SQLite a read transaction that another writer got
         # ahead of cannot be upgraded to a write (SQLITE_BUSY_SNAPSHOT).
@@ -354,15 +375,45 @@ class Ledger:
         self.engine = create_async_engine(url)
         if url.get_backend_name() == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            if url.database and url.database != ":memory:":
+                # one connection per ledger thread, kept open (never shared between threads)
+                self._sync_engine = create_engine(url.set(drivername="sqlite"), poolclass=SingletonThreadPool,
+                                                  pool_size=LEDGER_THREADS)
+                event.listen(self._sync_engine, "connect", _sqlite_pragmas)
+                self._threads = ThreadPoolExecutor(max_workers=LEDGER_THREADS, thread_name_prefix="ledger")
         async with self.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
             await conn.run_sync(_add_missing_columns)
 
     async def close(self) -> None:
         self._files.close()
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = None
         if self.engine is not None:
             await self.engine.dispose()
             self.engine = None
+
+    async def run(self, body: Callable[..., Any], *args: Any, write: bool = False) -> Any:
+        """``body(connection, *args)`` in one transaction (committed if ``write``, else
+        rolled back); on SQLite in one hop to a ledger thread, elsewhere on the async engine."""
+        if self._sync_engine is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, self._run_sync, body, args, write)
+        if write:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(body, *args)
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(body, *args)
+
+    def _run_sync(self, body: Callable[..., Any], args: tuple, write: bool) -> Any:
+        if write:
+            with self._sync_engine.begin() as conn:
+                return body(conn, *args)
+        with self._sync_engine.connect() as conn:
+            return body(conn, *args)
 
     # -- ingestion -------------------------------------------------------------------
 
@@ -373,116 +424,23 @@ class Ledger:
         bytes the redelivered chunk rewrites."""
         now = time.time() if now is None else now
         events, chunks, heartbeats = list(events), list(chunks), list(heartbeats)
-        states_applied = 0
         if chunks:
             await asyncio.to_thread(self._write_chunks, chunks)
         # Several events of one task in a batch apply in seq order, as if they had arrived so.
         events.sort(key=lambda ev: (ev.task_id, ev.seq))
-        task_ids = {ev.task_id for ev in events} | {chunk.task_id for chunk, _ in chunks}
-        async with self._write_lock, self.engine.begin() as conn:
-            rows = await self._load_rows(conn, task_ids)
-            new_ids = {task_id for task_id in task_ids if task_id not in rows}
-            for task_id in new_ids:
-                rows[task_id] = _empty_row(task_id)
-            changed = set(new_ids)
-            for ev in events:
-                if ev.task is not None and ev.task.task_id != ev.task_id:
-                    continue  # the host validates this before; never trust a mismatch
-                if apply_state_event(rows[ev.task_id], ev):
-                    states_applied += 1
-                changed.add(ev.task_id)
-            for chunk, data in chunks:
-                column = f"{chunk.stream}_bytes"
-                row = rows[chunk.task_id]
-                end = chunk.offset + len(data)
-                if chunk.attempt == (row["attempt"] or 1):
-                    row[column] = max(row[column], end)
-                if row["attempts"] or chunk.attempt != (row["attempt"] or 1):  # a retried task: per attempt too
-                    record = _attempt_record(row, chunk.attempt)
-                    record[column] = max(record[column], end)
-                changed.add(chunk.task_id)
-            await self._write_rows(conn, [rows[i] for i in changed if i in new_ids],
-                                   [rows[i] for i in changed if i not in new_ids])
-            await self._apply_heartbeats(conn, heartbeats, now)
-        return states_applied
+        async with self._write_lock:
+            return await self.run(_ingest_batch, events, chunks, heartbeats, now, write=True)
 
     def _write_chunks(self, chunks: list[tuple[OutputChunk, bytes]]) -> None:
         for chunk, data in chunks:
             self._files.write(chunk.task_id, chunk.stream, chunk.offset, data, chunk.attempt)
 
-    async def _load_rows(self, conn: AsyncConnection, task_ids: set[int]) -> dict[int, dict[str, Any]]:
-        rows: dict[int, dict[str, Any]] = {}
-        ids = sorted(task_ids)
-        for start in range(0, len(ids), _IN_CHUNK):
-            found = await conn.execute(select(tasks_table).where(tasks_table.c.task_id.in_(ids[start:start + _IN_CHUNK])))
-            for row in found:
-                rows[row.task_id] = dict(row._mapping)
-        return rows
-
-    async def _write_rows(self, conn: AsyncConnection, inserts: list[dict], updates: list[dict]) -> None:
-        if inserts:
-            await conn.execute(insert(tasks_table), inserts)
-        if updates:
-            # Core executemany: the SET clause comes from the parameter keys.
-            params = [{**{k: v for k, v in row.items() if k != "task_id"}, "key_task_id": row["task_id"]}
-                      for row in updates]
-            await conn.execute(update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")), params)
-
-    async def _apply_heartbeats(self, conn: AsyncConnection, heartbeats: list[Heartbeat], now: float) -> None:
-        latest: dict[str, Heartbeat] = {}
-        for beat in heartbeats:
-            if beat.node not in latest or beat.time >= latest[beat.node].time:
-                latest[beat.node] = beat
-        if not latest:
-            return
-        existing = set((await conn.execute(
-            select(nodes_table.c.name).where(nodes_table.c.name.in_(list(latest))))).scalars())
-        rows = [{"name": name, "online": not beat.stopping, "last_seen": now,
-                 "heartbeat": beat.model_dump(mode="json")} for name, beat in latest.items()]
-        new = [row for row in rows if row["name"] not in existing]
-        old = [{**row, "key_name": row["name"]} for row in rows if row["name"] in existing]
-        if new:
-            await conn.execute(insert(nodes_table), new)
-        if old:
-            await conn.execute(update(nodes_table).where(nodes_table.c.name == bindparam("key_name")), old)
-        # What a live runner says it runs wins over the host's guess that it was lost.
-        still_running = [(name, task_id) for name, beat in latest.items() if not beat.stopping
-                         for task_id in beat.running]
-        for name, task_id in still_running:
-            await conn.execute(
-                update(tasks_table)
-                .where(tasks_table.c.task_id == task_id, tasks_table.c.state == TaskState.LOST.value,
-                       tasks_table.c.lost_by_host.is_(True))
-                .values(state=TaskState.RUNNING.value, lost_by_host=False, finished_at=None, message="",
-                        node=name))
-
     async def mark_offline(self, offline_after: float, now: float | None = None) -> list[StateEvent]:
         """Nodes silent for ``offline_after`` seconds go offline; the tasks they were
         running (or paused) become ``lost`` (by the host, seq unchanged). Returns the events to publish."""
         now = time.time() if now is None else now
-        async with self._write_lock, self.engine.begin() as conn:
-            await conn.execute(
-                update(nodes_table)
-                .where(nodes_table.c.online.is_(True), nodes_table.c.last_seen < now - offline_after)
-                .values(online=False))
-            # Silence is what loses tasks, not the offline flag: a runner that stopped
-            # politely (restart, upgrade) gets the same grace to come back and adopt them.
-            offline = list((await conn.execute(
-                select(nodes_table.c.name).where(nodes_table.c.last_seen < now - offline_after))).scalars())
-            if not offline:
-                return []
-            lost = (await conn.execute(
-                select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq, tasks_table.c.attempt)
-                .where(tasks_table.c.state.in_([TaskState.RUNNING.value, TaskState.PAUSED.value]),
-                       tasks_table.c.node.in_(offline)))).all()
-            events = [StateEvent(task_id=row.task_id, node=row.node, state=TaskState.LOST, seq=row.seq, time=now,
-                                 attempt=row.attempt or 1, message=f"node {row.node} went offline") for row in lost]
-            if events:
-                await conn.execute(
-                    update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")),
-                    [{"key_task_id": ev.task_id, "state": TaskState.LOST.value, "lost_by_host": True,
-                      "message": ev.message, "finished_at": now} for ev in events])
-        return events
+        async with self._write_lock:
+            return await self.run(_mark_offline, offline_after, now, write=True)
 
     # -- queries ---------------------------------------------------------------------
 
@@ -490,8 +448,7 @@ class Ledger:
         """Tasks by id, in the order asked; unknown ids are left out. A task not started
         yet says why it waits (:func:`~hakuriver.host.waiting.waiting_reason`)."""
         ids = list(dict.fromkeys(task_ids))
-        async with self.engine.connect() as conn:
-            rows = await self._load_rows(conn, set(ids))
+        rows = await self.run(_load_rows, set(ids))
         tasks = [task_dict(rows[task_id]) for task_id in ids if task_id in rows]
         if any(t["state"] in (TaskState.PENDING.value, TaskState.QUEUED.value) for t in tasks):
             nodes = {node["name"]: node for node in await self.list_nodes()}
@@ -508,7 +465,7 @@ class Ledger:
         than a page to learn whether another page follows."""
         if not 1 <= limit <= MAX_LIST_LIMIT + 1:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}")
-        query = select(tasks_table).order_by(tasks_table.c.task_id.desc()).limit(limit)
+        query = select(*_SUMMARY_COLUMNS).order_by(tasks_table.c.task_id.desc()).limit(limit)
         if state is not None:
             query = query.where(tasks_table.c.state == TaskState(state).value)
         if node is not None:
@@ -519,20 +476,17 @@ class Ledger:
             query = query.where(tasks_table.c.user == user)
         if before is not None:
             query = query.where(tasks_table.c.task_id < before)
-        async with self.engine.connect() as conn:
-            return [task_summary(row) for row in await conn.execute(query)]
+        return await self.run(_summaries, query)
 
     async def list_nodes(self, name: str | None = None) -> list[dict[str, Any]]:
         query = select(nodes_table).order_by(nodes_table.c.name)
         if name is not None:
             query = query.where(nodes_table.c.name == name)
-        async with self.engine.connect() as conn:
-            return [node_dict(row) for row in await conn.execute(query)]
+        return await self.run(_node_dicts, query)
 
     async def owner(self, task_id: int) -> str:
         """The task's owner (its broker-checked user); :class:`UnknownTask` if there is no such task."""
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(tasks_table.c.user).where(tasks_table.c.task_id == task_id))).first()
+        row = await self.run(_first, select(tasks_table.c.user).where(tasks_table.c.task_id == task_id))
         if row is None:
             raise UnknownTask(task_id)
         return row[0] or ""
@@ -545,10 +499,8 @@ class Ledger:
         if offset < 0 or not 0 <= length <= MAX_READ_BYTES:
             raise ValueError(f"offset must be >= 0 and length between 0 and {MAX_READ_BYTES}")
         column = tasks_table.c[f"{stream}_bytes"]
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(
-                select(column, tasks_table.c.state, tasks_table.c.attempt, tasks_table.c.attempts)
-                .where(tasks_table.c.task_id == task_id))).first()
+        row = await self.run(_first, select(column, tasks_table.c.state, tasks_table.c.attempt, tasks_table.c.attempts)
+                             .where(tasks_table.c.task_id == task_id))
         if row is None:
             raise UnknownTask(task_id)
         size, state, latest = row[0], row[1], row[2] or 1
@@ -569,6 +521,123 @@ class Ledger:
             raise OutputMissing(f"the stored {stream} of task {task_id} is missing or cut short: the ledger "
                                 f"records {size} bytes, {path} holds {offset + len(data)}")
         return OutputSlice(data=data, offset=offset, size=size, state=state, terminal=terminal, attempt=attempt)
+
+
+# ---- the bodies Ledger.run runs, each on one synchronous connection ------------------
+
+def _ingest_batch(conn: Connection, events: list[StateEvent], chunks: list[tuple[OutputChunk, bytes]],
+                  heartbeats: list[Heartbeat], now: float) -> int:
+    """One batch by the ledger's rules (:meth:`Ledger.ingest`); how many state events applied."""
+    states_applied = 0
+    task_ids = {ev.task_id for ev in events} | {chunk.task_id for chunk, _ in chunks}
+    rows = _load_rows(conn, task_ids)
+    new_ids = {task_id for task_id in task_ids if task_id not in rows}
+    for task_id in new_ids:
+        rows[task_id] = _empty_row(task_id)
+    changed = set(new_ids)
+    for ev in events:
+        if ev.task is not None and ev.task.task_id != ev.task_id:
+            continue  # the host validates this before; never trust a mismatch
+        if apply_state_event(rows[ev.task_id], ev):
+            states_applied += 1
+        changed.add(ev.task_id)
+    for chunk, data in chunks:
+        column = f"{chunk.stream}_bytes"
+        row = rows[chunk.task_id]
+        end = chunk.offset + len(data)
+        if chunk.attempt == (row["attempt"] or 1):
+            row[column] = max(row[column], end)
+        if row["attempts"] or chunk.attempt != (row["attempt"] or 1):  # a retried task: per attempt too
+            record = _attempt_record(row, chunk.attempt)
+            record[column] = max(record[column], end)
+        changed.add(chunk.task_id)
+    _write_rows(conn, [rows[i] for i in changed if i in new_ids], [rows[i] for i in changed if i not in new_ids])
+    _apply_heartbeats(conn, heartbeats, now)
+    return states_applied
+
+
+def _load_rows(conn: Connection, task_ids: set[int]) -> dict[int, dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    ids = sorted(task_ids)
+    for start in range(0, len(ids), _IN_CHUNK):
+        found = conn.execute(select(tasks_table).where(tasks_table.c.task_id.in_(ids[start:start + _IN_CHUNK])))
+        for row in found:
+            rows[row.task_id] = dict(row._mapping)
+    return rows
+
+
+def _write_rows(conn: Connection, inserts: list[dict], updates: list[dict]) -> None:
+    if inserts:
+        conn.execute(insert(tasks_table), inserts)
+    if updates:
+        # Core executemany: the SET clause comes from the parameter keys.
+        params = [{**{k: v for k, v in row.items() if k != "task_id"}, "key_task_id": row["task_id"]}
+                  for row in updates]
+        conn.execute(update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")), params)
+
+
+def _apply_heartbeats(conn: Connection, heartbeats: list[Heartbeat], now: float) -> None:
+    latest: dict[str, Heartbeat] = {}
+    for beat in heartbeats:
+        if beat.node not in latest or beat.time >= latest[beat.node].time:
+            latest[beat.node] = beat
+    if not latest:
+        return
+    existing = set(conn.execute(select(nodes_table.c.name).where(nodes_table.c.name.in_(list(latest)))).scalars())
+    rows = [{"name": name, "online": not beat.stopping, "last_seen": now,
+             "heartbeat": beat.model_dump(mode="json")} for name, beat in latest.items()]
+    new = [row for row in rows if row["name"] not in existing]
+    old = [{**row, "key_name": row["name"]} for row in rows if row["name"] in existing]
+    if new:
+        conn.execute(insert(nodes_table), new)
+    if old:
+        conn.execute(update(nodes_table).where(nodes_table.c.name == bindparam("key_name")), old)
+    # What a live runner says it runs wins over the host's guess that it was lost.
+    still_running = [(name, task_id) for name, beat in latest.items() if not beat.stopping
+                     for task_id in beat.running]
+    for name, task_id in still_running:
+        conn.execute(
+            update(tasks_table)
+            .where(tasks_table.c.task_id == task_id, tasks_table.c.state == TaskState.LOST.value,
+                   tasks_table.c.lost_by_host.is_(True))
+            .values(state=TaskState.RUNNING.value, lost_by_host=False, finished_at=None, message="", node=name))
+
+
+def _mark_offline(conn: Connection, offline_after: float, now: float) -> list[StateEvent]:
+    conn.execute(
+        update(nodes_table)
+        .where(nodes_table.c.online.is_(True), nodes_table.c.last_seen < now - offline_after)
+        .values(online=False))
+    # Silence is what loses tasks, not the offline flag: a runner that stopped
+    # politely (restart, upgrade) gets the same grace to come back and adopt them.
+    offline = list(conn.execute(select(nodes_table.c.name).where(nodes_table.c.last_seen < now - offline_after))
+                   .scalars())
+    if not offline:
+        return []
+    lost = conn.execute(
+        select(tasks_table.c.task_id, tasks_table.c.node, tasks_table.c.seq, tasks_table.c.attempt)
+        .where(tasks_table.c.state.in_([TaskState.RUNNING.value, TaskState.PAUSED.value]),
+               tasks_table.c.node.in_(offline))).all()
+    events = [StateEvent(task_id=row.task_id, node=row.node, state=TaskState.LOST, seq=row.seq, time=now,
+                         attempt=row.attempt or 1, message=f"node {row.node} went offline") for row in lost]
+    if events:
+        conn.execute(
+            update(tasks_table).where(tasks_table.c.task_id == bindparam("key_task_id")),
+            [{"key_task_id": ev.task_id, "state": TaskState.LOST.value, "lost_by_host": True,
+              "message": ev.message, "finished_at": now} for ev in events])
+    return events
+
+
+def _summaries(conn: Connection, query: Any) -> list[dict[str, Any]]:
+    return [task_summary(row) for row in conn.execute(query)]
+
+
+def _node_dicts(conn: Connection, query: Any) -> list[dict[str, Any]]:
+    return [node_dict(row) for row in conn.execute(query)]
+
+
+def _first(conn: Connection, query: Any) -> Any:
+    return conn.execute(query).first()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -60,6 +60,21 @@ SOURCE = "host"
 RUNNER_RECONNECT_S = broker.RECONNECT_INTERVAL_S + 1.0
 
 
+def may_judge_silence(connected: bool, since_start: float, offline_after: float, behind: bool) -> bool:
+    """Whether a runner's silence may count now: not while the host is disconnected, not within
+    a full window after it (re)connected (``since_start`` seconds ago; the last_seen times are
+    from before it was away), and not while it is ``behind`` on the ledger queue: on a busy
+    machine a burst of events can outrun ingestion, and the heartbeats wait behind them, so a
+    node whose runner is alive would look silent (its tasks ``lost``) until the host caught up."""
+    return connected and since_start >= offline_after and not behind
+
+
+def _take_waiting(inbox: asyncio.Queue, batch: list, limit: int) -> None:
+    """Move what waits in ``inbox`` onto ``batch`` (up to ``limit`` in all)."""
+    while len(batch) < limit and not inbox.empty():
+        batch.append(inbox.get_nowait())
+
+
 def _transient(exc: Exception) -> bool:
     """Would the same write succeed later (database or disk unavailable), as opposed to
     a message the database will never take?"""
@@ -93,6 +108,8 @@ class Host:
         self._connected = False
         self._outbox: Outbox | None = None
         self.pipelines: Pipelines | None = None  # holds --after tasks (hakuriver/host/pipelines.py)
+        self._ingesting = False       # a batch is being stored (its deliveries have left the inbox)
+        self._depth_channel: AbstractChannel | None = None   # passive declares: the ledger queue's depth
         self.web: WebServer | None = None    # the dashboard, when [web] listen is set
 
     # -- life cycle ------------------------------------------------------------------
@@ -208,32 +225,35 @@ class Host:
     async def _ingest_forever(self) -> None:
         while True:
             batch = await self._collect_batch()
+            self._ingesting = True
             try:
                 await self._ingest(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("ingesting a batch of %d messages failed", len(batch))
+            finally:
+                self._ingesting = False
 
     async def _collect_batch(self) -> list[AbstractIncomingMessage]:
         """At least one message; then more until none arrives for BATCH_GAP, or BATCH_MAX,
         or BATCH_WINDOW. (Deliveries reach the inbox a few dozen per loop turn, so
-        "nothing waiting right now" alone would close batches far too small.)"""
+        "nothing waiting right now" alone would close batches far too small.)
+
+        It sleeps a gap at a time and takes what came meanwhile: one timer per gap, not a
+        ``wait_for`` (a task and a timer) per message, which cost the host more CPU than
+        storing the message when tasks trickle in."""
         batch = [await self._inbox.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BATCH_WINDOW
-        while len(batch) < BATCH_MAX:
+        while True:
+            _take_waiting(self._inbox, batch, BATCH_MAX)
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self._inbox.get_nowait())
-            except asyncio.QueueEmpty:
-                try:
-                    batch.append(await asyncio.wait_for(self._inbox.get(), min(BATCH_GAP, remaining)))
-                except asyncio.TimeoutError:
-                    break
-        return batch
+            if len(batch) >= BATCH_MAX or remaining <= 0:
+                return batch
+            await asyncio.sleep(min(BATCH_GAP, remaining))
+            if self._inbox.empty():  # nothing came during the gap
+                return batch
 
     async def _ingest(self, batch: list[AbstractIncomingMessage]) -> None:
         usable: list[AbstractIncomingMessage] = []
@@ -324,7 +344,10 @@ class Host:
             await asyncio.sleep(max(timing.heartbeat_interval / 2, 0.05))
             # After a (re)start or reconnect, give every runner one full timeout to be heard
             # from: the last_seen times in the database are from before the host was away.
-            if not self._connected or time.monotonic() - self._started_at < timing.offline_after:
+            since_start = time.monotonic() - self._started_at
+            if not may_judge_silence(self._connected, since_start, timing.offline_after, behind=False):
+                continue
+            if not may_judge_silence(self._connected, since_start, timing.offline_after, behind=await self._behind()):
                 continue
             try:
                 await self.check_offline()
@@ -332,6 +355,20 @@ class Host:
                 raise
             except Exception:
                 log.exception("offline check failed")
+
+    async def _behind(self) -> bool:
+        """Whether messages wait for ingestion: in the inbox, in the batch being stored, or
+        still on the ledger queue (a passive declare tells; unknown counts as behind)."""
+        if self._ingesting or not self._inbox.empty():
+            return True
+        try:
+            if self._depth_channel is None or self._depth_channel.is_closed:
+                self._depth_channel = await self._connection.channel()
+            queue = await self._depth_channel.declare_queue(self.topo.ledger, passive=True)
+            return queue.declaration_result.message_count > 0
+        except Exception as exc:
+            log.debug("ledger queue depth unknown: %s", exc)
+            return True
 
     async def check_offline(self) -> list[StateEvent]:
         """Mark silent nodes offline and their running tasks lost; tell the world."""

@@ -139,8 +139,16 @@ class ProcessExecutor(Executor):
 
     async def destroy(self, handle: Handle) -> None:
         # the first process may be gone while what it started still runs: its group, its cgroup
-        await self._signal(handle, signal.SIGKILL)
-        await _remove_cgroup(handle.data)
+        cgroup = _cgroup(handle.data)
+        if cgroup is None:
+            await self._signal(handle, signal.SIGKILL)
+        else:
+            self.processes.signal_group(handle.task_id, signal.SIGKILL)
+            self.processes.signal_group(handle.task_id, signal.SIGCONT)
+            # Whatever is left is in the cgroup, and remove() kills it, but only once an rmdir
+            # says the group is busy: usually it is empty by now, and one rmdir per hierarchy is
+            # all this costs (no reading of every cgroup.procs, no thaw, for every task).
+            await cgroup.remove()
         await self.processes.forget(handle)
 
     async def inspect(self, handle: Handle) -> dict[str, Any]:

@@ -133,28 +133,23 @@ async def task_row(ledger: Ledger, task_id: int) -> dict[str, Any] | None:
 
 async def counts_by_state(ledger: Ledger) -> dict[str, int]:
     """Every state with its number of tasks (0 for none), from the state index alone."""
-    async with ledger.engine.connect() as conn:
-        rows = await conn.execute(select(tasks_table.c.state, func.count()).group_by(tasks_table.c.state))
-        found = {state: count for state, count in rows}
+    query = select(tasks_table.c.state, func.count()).group_by(tasks_table.c.state)
+    found = dict(await ledger.run(_all_rows, query))
     return {state.value: found.get(state.value, 0) for state in TaskState}
 
 
 async def latest_failures(ledger: Ledger, limit: int = 10) -> list[dict[str, Any]]:
     """The newest tasks that ended badly, one index walk per failure state, merged."""
-    rows: list[dict[str, Any]] = []
-    async with ledger.engine.connect() as conn:
-        for state in FAILURE_STATES:
-            query = (select(*_ROW_COLUMNS, tasks_table.c.message).where(tasks_table.c.state == state.value)
-                     .order_by(tasks_table.c.task_id.desc()).limit(limit))
-            rows += [dict(row._mapping) for row in await conn.execute(query)]
+    queries = [select(*_ROW_COLUMNS, tasks_table.c.message).where(tasks_table.c.state == state.value)
+               .order_by(tasks_table.c.task_id.desc()).limit(limit) for state in FAILURE_STATES]
+    rows = [dict(row._mapping) for query in queries for row in await ledger.run(_all_rows, query)]
     return sorted(rows, key=lambda row: row["task_id"], reverse=True)[:limit]
 
 
 async def nodes(ledger: Ledger) -> list[dict[str, Any]]:
     """Every node with its last heartbeat, and how long ago it was heard from."""
     now = time.time()
-    async with ledger.engine.connect() as conn:
-        rows = [node_dict(row) for row in await conn.execute(select(nodes_table).order_by(nodes_table.c.name))]
+    rows = [node_dict(row) for row in await ledger.run(_all_rows, select(nodes_table).order_by(nodes_table.c.name))]
     for node in rows:
         node["heartbeat_age"] = None if node["last_seen"] is None else max(0.0, now - node["last_seen"])
     return rows
@@ -174,12 +169,15 @@ def allocation(node: dict[str, Any]) -> dict[str, float | int | None]:
 
 
 async def finished_by_node(ledger: Ledger) -> list[tuple[str, str, int]]:
-    """(node, outcome, tasks) for every ended task: the finished counter of /metrics."""
+    """(node, outcome, tasks) for every ended task: the finished counter of /metrics (a walk of
+    the covering index ``(state, node)``, not of the table)."""
+    return [(node, state, count) for node, state, count in await ledger.run(_all_rows, finished_by_node_query())]
+
+
+def finished_by_node_query() -> Any:
     t = tasks_table.c
-    query = (select(func.coalesce(t.node, ""), t.state, func.count())
-             .where(t.state.in_([state.value for state in TERMINAL])).group_by(t.node, t.state))
-    async with ledger.engine.connect() as conn:
-        return [(node, state, count) for node, state, count in await conn.execute(query)]
+    return (select(func.coalesce(t.node, ""), t.state, func.count())
+            .where(t.state.in_([state.value for state in TERMINAL])).group_by(t.state, t.node))
 
 
 async def histogram(ledger: Ledger, start: Any, end: Any, buckets: tuple[float, ...]) -> tuple[list[int], int, float]:
@@ -188,6 +186,10 @@ async def histogram(ledger: Ledger, start: Any, end: Any, buckets: tuple[float, 
     where = and_(start.is_not(None), end.is_not(None))
     columns = [func.sum(case((span <= bound, 1), else_=0)) for bound in buckets]
     query = select(*columns, func.count(), func.coalesce(func.sum(span), 0.0)).where(where)
-    async with ledger.engine.connect() as conn:
-        row = (await conn.execute(query)).one()
+    row = (await ledger.run(_all_rows, query))[0]
     return [int(value or 0) for value in row[:len(buckets)]], int(row[-2]), float(row[-1])
+
+
+def _all_rows(conn: Any, query: Any) -> list[Any]:
+    """Every row of ``query`` (run by :meth:`Ledger.run`: in one hop to a ledger thread on SQLite)."""
+    return conn.execute(query).all()
