@@ -169,7 +169,7 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
 def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest:
     from client.requests import SubmitRequest
     from hakuriver.images import check_environment_name
-    from hakuriver.messages import Mount
+    from hakuriver.mounts import parse_mount
     from hakuriver.sizes import parse_size
     from hakuriver.topology import parse_target
 
@@ -200,10 +200,9 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         if not sep or not ENV_KEY.match(key):
             raise UsageError(f"invalid --env {item!r} (use KEY=VALUE with KEY a variable name)")
         env[key] = value
-    mounts = []
     for item in o["mounts"]:
         try:
-            mounts.append(Mount.parse(item))
+            parse_mount(item)
         except ValueError as exc:
             raise UsageError(f"--mount: {exc}") from None
     targets = list(o["targets"])
@@ -229,7 +228,7 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         sweep_size = span.count(command[1:])
     return SubmitRequest(command=command, targets=targets, gpus=gpus, container=o["container"], cores=cores,
                          memory=memory,
-                         env=env, mounts=mounts, privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
+                         env=env, mounts=list(o["mounts"]), privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
                          timeout=o["timeout"], sweep_size=sweep_size, **common)
 
 

@@ -27,7 +27,7 @@ from client.requests import (HealthRequest, KillRequest, ListNodesRequest, ListT
                              PauseRequest, Request, StatusRequest, SubmitRequest)
 from hakuriver.broker import BrokerUnreachable
 from hakuriver.config import Config, ConfigError, load_config
-from hakuriver.messages import StateEvent
+from hakuriver.messages import Mount, StateEvent
 from hakuriver.states import TaskState
 
 PAUSE_CONFIRM_S = 15.0  # how long --pause/--resume wait for the runner's event before saying so
@@ -112,7 +112,7 @@ async def _submit(client: Client, config: Config, request: SubmitRequest) -> int
     spec = TaskSpec(command=request.command[0], args=request.command[1:], env=request.env,
                     cores=request.cores, memory=request.memory, gpus=request.gpus,
                     container=None if container.upper() == "NULL" else container,
-                    privileged=request.privileged, mounts=request.mounts)
+                    privileged=request.privileged, mounts=[Mount.parse(m) for m in request.mounts])
     arg_lists = None
     if request.sweep_size is not None:
         from hakurun import span
