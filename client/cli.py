@@ -1,11 +1,13 @@
 """``hakuriver.client``: submit, wait, query, kill, pause, resume.
 
-Only click is imported at start-up; the broker client, pydantic and the rest load
-once the command line is known to be good, so ``--help`` and usage errors are fast.
+Only click is imported at start-up; the rest loads once the command line is known to be
+good, so ``--help`` and usage errors are fast (tests/test_cli_imports.py). The everyday
+commands then run on the light path (:mod:`client.quick`: no aio-pika, pydantic or
+asyncio); the others on the aio-pika API (:mod:`client.session`).
 Everything for a person goes to stderr; stdout carries only task ids (on submit) or
 the query's answer (a task's output included), so ``TASK=$(hakuriver.client --wait ...)``
 holds the id. The command line becomes one typed request (:mod:`client.requests`) that
-:mod:`client.session` carries out; exit codes are in :mod:`client.exits`.
+:mod:`client.quick` or :mod:`client.session` carries out; exit codes are in :mod:`client.exits`.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ def main(**options) -> None:
         request = _validate(options)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
+    from client import quick
+
+    if quick.handles(request):
+        sys.exit(quick.run(request))
     from client.session import run
 
     sys.exit(run(request))
