@@ -48,6 +48,7 @@ def encode_task(fields: dict[str, Any]) -> bytes:
 
 def _encode_with_model(fields: dict[str, Any]) -> bytes:
     from pydantic import ValidationError
+    from pydantic_core import PydanticSerializationError
 
     from hakuriver.messages import MessageTooLarge, Task, one_line
 
@@ -57,6 +58,8 @@ def _encode_with_model(fields: dict[str, Any]) -> bytes:
         raise BadRequest(f"invalid task: {one_line(exc)}") from None
     except MessageTooLarge as exc:
         raise BadRequest(str(exc)) from None
+    except PydanticSerializationError:  # a raw argv byte that is not UTF-8: JSON cannot carry it
+        raise BadRequest("invalid task: its command line or environment is not valid UTF-8 text") from None
 
 
 def _utf8_len(text: str) -> int | None:
