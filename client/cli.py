@@ -174,7 +174,6 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
 
 def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest:
     from client.requests import SubmitRequest
-    from hakuriver.images import check_environment_name
     from hakuriver.mounts import parse_mount
     from hakuriver.sizes import parse_size
     from hakuriver.topology import parse_target
@@ -196,6 +195,8 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         if memory > bounds.MAX_MEMORY:
             raise UsageError(f"invalid --memory {o['memory']!r}: over the bound of {bounds.MAX_MEMORY} bytes")
     if o["container"] is not None and o["container"].upper() != "NULL":
+        from hakuriver.images import check_environment_name  # pathlib and datetime: only when named
+
         try:
             check_environment_name(o["container"])
         except ValueError as exc:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-from pathlib import Path
 from typing import Any, NamedTuple
 
 ENV_PREFIX = "HAKURIVER_"
@@ -57,7 +56,8 @@ def read_settings(explicit: str | None = None, environ: dict[str, str] | None = 
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(path.read_text())
+            with open(path, "rb") as file:
+                data = tomllib.load(file)
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             raise NotPlain from None
     for section, values in data.items():
@@ -86,14 +86,15 @@ def read_settings(explicit: str | None = None, environ: dict[str, str] | None = 
     return settings
 
 
-def _config_path(explicit: str | None) -> Path | None:
-    # as hakuriver.config.config_path: explicit, else $HAKURIVER_CONFIG, else ~/.hakuriver/config.toml if there
+def _config_path(explicit: str | None) -> str | None:
+    # as hakuriver.config.config_path (os.path, not pathlib: one import less at start-up):
+    # explicit, else $HAKURIVER_CONFIG, else ~/.hakuriver/config.toml if it exists
     if explicit:
-        return Path(explicit)
+        return explicit
     if os.environ.get("HAKURIVER_CONFIG"):
-        return Path(os.environ["HAKURIVER_CONFIG"])
-    default = Path(os.path.expanduser("~")) / ".hakuriver" / "config.toml"
-    return default if default.exists() else None
+        return os.environ["HAKURIVER_CONFIG"]
+    default = os.path.join(os.path.expanduser("~"), ".hakuriver", "config.toml")
+    return default if os.path.exists(default) else None
 
 
 def _text(section: dict[str, Any], key: str, default: str) -> str:
