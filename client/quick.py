@@ -187,7 +187,7 @@ class Broker:
             self.wire = None
 
     def _broker_error(self, exc: wire.WireError) -> Unreachable:
-        if isinstance(exc, wire.ChannelClosed) and exc.code == 404 and ".tasks" in exc.text + ".control":
+        if isinstance(exc, wire.ChannelClosed) and exc.code == 404 and "no exchange" in exc.text:
             return Unreachable(f"the broker has no exchanges of prefix {self.prefix!r} yet: no runner or host "
                                f"has started with it ({exc})")
         return Unreachable(f"broker: {exc}")

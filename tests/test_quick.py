@@ -294,21 +294,36 @@ def test_everyday_commands_take_the_light_path(cluster):
 def test_wait_outlives_a_broker_restart(tmp_path, private_broker):  # noqa: F811
     c = Cluster(tmp_path / "cluster", ["node1"], broker={"url": private_broker.url},
                 timing={"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 4, "kill_grace": 2.0})
+    client = None
     try:
         c.start()
-        marker = tmp_path / "started"
+        started, go, ended = tmp_path / "started", tmp_path / "go", tmp_path / "ended"
+        script = f"touch {started}; while [ ! -e {go} ]; do sleep 0.1; done; touch {ended}"
         client = subprocess.Popen([str(BIN / "hakuriver.client"), "--wait", "--timeout", "120", "--target", "node1",
-                                   "--", "sh", "-c", f"touch {marker}; sleep 4; echo done"],
-                                  env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_until(marker.exists, 60, "the task started")
+                                   "--", "sh", "-c", script], env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_until(started.exists, 60, "the task started")
         private_broker.stop_app()
-        time.sleep(5)   # the outage itself, not a synchronisation: the task ends while the broker is down
-        private_broker.start_app()
+        try:
+            go.touch()      # the task ends while the broker is down: its final event can only come later
+            wait_until(ended.exists, 30, "the task ended")
+            assert client.poll() is None   # still waiting (reconnecting): nothing could have told it
+        finally:
+            private_broker.start_app()
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err.decode()
         task_id = int(out)
         assert f"task {task_id} completed".encode() in err
         assert c.task(task_id)["state"] == "completed"
     finally:
+        if client is not None and client.poll() is None:
+            client.kill()
         c.stop()
         asyncio.run(delete_prefix(c.prefix, c.nodes, url=private_broker.url))
+
+
+def test_a_prefix_nobody_started_is_said_so(tmp_path):
+    config = write_config(tmp_path / "config.toml", f"hkq-none-{time.time_ns() % 10**10}", tmp_path)
+    result = _cli(config, "--kill", "5")   # no host answers, so the kill goes to every node: no exchange
+    assert result.returncode == 3
+    assert result.stderr.decode().startswith("hakuriver.client: the broker has no exchanges of prefix 'hkq-none-")
+    assert len(result.stderr.splitlines()) == 1
