@@ -124,7 +124,7 @@ def run(request: Request) -> int:
 
 def _settings(config_file: str | None) -> ClientSettings:
     """The client's settings; where the light reader is not sure, :func:`hakuriver.config.load_config`
-    decides (its ConfigError, a ValueError, names the key and the file)."""
+    decides (its refusal, naming the key and the file, becomes :class:`ConfigRefused`)."""
     try:
         settings = read_settings(config_file)
         for url in settings.broker_url.split(","):
@@ -166,7 +166,7 @@ class Broker:
         try:
             self.wire = wire.connect(self.urls, "hakuriver.client", self.ssl_context, start=self._next_index)
             self.channel = self.wire.open_channel(confirms=True)
-        except (OSError, wire.WireError) as exc:
+        except (OSError, ValueError, wire.WireError) as exc:
             self.wire = None
             where = ", ".join(wire.redact(u) for u in self.urls)
             raise Unreachable(f"broker unreachable at {where}: {exc or type(exc).__name__}") from None
