@@ -139,6 +139,7 @@ class Wire:
         self.frame_max = FRAME_MAX
         self.heartbeat = 0.0
         self._buffer = bytearray()
+        self._start = 0                              # where the next unread frame begins in _buffer
         self._last_sent = self._last_received = time.monotonic()
         self._next_channel = 1
         self._replies: dict[int, deque] = {}         # synchronous replies, per channel
@@ -391,13 +392,16 @@ class Wire:
     def _read_frame(self, deadline: float | None) -> tuple[int, Any]:
         """One whole frame from the socket; (0, None) when it is time to look at the clock again."""
         while True:
-            if len(self._buffer) >= 7:
-                kind, channel, size = FRAME_HEADER.unpack_from(self._buffer)
-                end = 7 + size + 1
+            if len(self._buffer) - self._start >= 7:
+                kind, channel, size = FRAME_HEADER.unpack_from(self._buffer, self._start)
+                end = self._start + 7 + size + 1
                 if len(self._buffer) >= end:
-                    data = bytes(self._buffer[:end])
-                    del self._buffer[:end]
+                    data = bytes(self._buffer[self._start:end])
+                    self._start = end   # the buffer is compacted before the next read, not per frame
                     return channel, frame.unmarshal(data)[2]
+            if self._start:
+                del self._buffer[:self._start]
+                self._start = 0
             now = time.monotonic()
             wait = 1.0 if deadline is None else max(0.0, deadline - now)
             if self.heartbeat:
