@@ -1,4 +1,4 @@
-"""The light command-line path (client/quick.py, client/wire.py, client/bodies.py, client/light_config.py).
+"""The light command-line path (client/quick.py, light_broker.py, wire.py, bodies.py, light_config.py).
 
 What it must keep: the contract (every body it sends is what hakuriver/messages.py writes and
 validates), the config's rules (it reads what load_config reads, or lets load_config decide),
@@ -18,7 +18,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from client import bodies, light_config, quick, wire
+from client import bodies, light_broker, light_config, quick, wire
 from client.errors import BadRequest
 from client.requests import SubmitRequest
 from harness.local_cluster import BIN, BROKER_URL, Cluster, delete_prefix, free_port, wait_until, write_config
@@ -136,9 +136,9 @@ def test_kill_and_rpc_bodies_are_the_models_bytes():
 
 def test_state_events_parse_as_the_model_reads_them():
     body = StateEvent(task_id=5, node="n1", state=TaskState.FAILED, seq=3, exit_code=7, message="boom").to_bytes()
-    assert quick.parse_state_event(body) == quick.Event(5, TaskState.FAILED, "n1", 7, "boom")
+    assert light_broker.parse_state_event(body) == light_broker.Event(5, TaskState.FAILED, "n1", 7, "boom")
     for junk in (b"", b"[]", b'{"v": 2, "task_id": 5, "state": "failed"}', b'{"v": 1, "task_id": 5, "state": "x"}'):
-        assert quick.parse_state_event(junk) is None
+        assert light_broker.parse_state_event(junk) is None
 
 
 def test_task_fields_match_the_api_for_the_same_request():
