@@ -116,3 +116,8 @@ class Cluster(local_cluster.Cluster):
     def __init__(self, root: Path, nodes: list[str], **sections: dict):
         sections.setdefault("timing", TIMING)
         super().__init__(root, nodes, prefix_stem="hkb", broker_url=BROKER_URL, **sections)
+        # Byte code cached, as an installed package has it (pip compiles at install): under
+        # PYTHONDONTWRITEBYTECODE every CLI start would compile the project's modules from source
+        # again, and start-up figures would measure the compiler. Kept in the work directory.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")

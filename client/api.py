@@ -32,11 +32,12 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from pydantic import ValidationError
 
+from client.checks import node_refusal, offline_note, pool_refusal
+from client.errors import BadRequest, NotYours, WrongState  # noqa: F401  (part of this API)
 from hakuriver import broker, identity, ids, rpc
 from hakuriver.rpc import HostUnavailable
 from hakuriver.config import Config
 from hakuriver.messages import Kill, MessageTooLarge, NodeInfo, OutputChunk, StateEvent, Task, one_line
-from hakuriver.sizes import format_size
 from hakuriver.states import TaskState
 from hakuriver.tls import client_ssl_context
 from hakuriver.topology import ALL_NODES_KEY, HELD_KEY, POOL_KEY, Topology, parse_target
@@ -47,20 +48,6 @@ POOL_CHECK_TIMEOUT = 2.0        # how long a pool submission asks the host for i
 CATCH_UP_EVERY_S = 2.0          # after a reconnect, how often a waiter asks the ledger for missed ends
 
 Output = Callable[[str, bytes], None]   # (stream, bytes) of a followed task's output
-
-
-class WrongState(Exception):
-    """A control that does not fit the task's state now (pausing a task that does not run);
-    nothing was sent; exit code 1."""
-
-
-class NotYours(Exception):
-    """The task belongs to someone else and we are no admin (``task 123 belongs to alice``); exit code 1."""
-
-
-class BadRequest(Exception):
-    """Bad input found only with the broker's help (unknown node, NUMA id, a task over a
-    bound or bigger than any node); exit code 2."""
 
 
 def write_output(stream: str, data: bytes) -> None:
@@ -226,20 +213,13 @@ class Client:
             if view is None:
                 raise BadRequest(f"unknown node {node!r}")
             info, connected = view
-            missing = sorted(n for n in numas if info.numa and n not in info.numa)
-            if missing:
-                raise BadRequest(f"node {node!r} has no NUMA node {missing[0]} "
-                                 f"(it has {', '.join(map(str, info.numa))})")
-            if info.cores and cores > info.cores:  # 0: an old runner that did not say
-                raise BadRequest(f"--cores {cores:g} is more than node {node!r} has ({info.cores:g})")
-            if info.memory and memory > info.memory:
-                raise BadRequest(f"--memory {format_size(memory)} is more than node {node!r} has "
-                                 f"({format_size(info.memory)})")
-            _check_gpus(node, info, sorted(gpu_ids[node]),
-                        max((t.gpu_count for t in tasks if t.target == node), default=0))
+            refusal = node_refusal(node, info.numa, info.cores, info.memory, info.gpus, numas, cores, memory,
+                                   sorted(gpu_ids[node]),
+                                   max((t.gpu_count for t in tasks if t.target == node), default=0))
+            if refusal is not None:
+                raise BadRequest(refusal)
             if not connected:
-                notes.append(f"node {node!r} is offline (its runner is not connected); "
-                             "the task waits in its queue until it comes back")
+                notes.append(offline_note(node))
         pool = [t for t in tasks if t.target == POOL_KEY and (t.cores or t.memory or t.gpu_count)]
         if pool:
             await self._check_pool_fits(max(t.cores for t in pool), max(t.memory or 0 for t in pool),
@@ -254,20 +234,9 @@ class Client:
             nodes = (await self.query("list_nodes", {}, timeout=POOL_CHECK_TIMEOUT))["nodes"]
         except (HostUnavailable, BadRequest):
             return
-        if gpus and nodes:
-            most_gpus = max(len(n.get("gpus") or []) for n in nodes)
-            if gpus > most_gpus:
-                raise BadRequest(f"no node can ever hold --gpus {gpus} (the most any node has is {most_gpus})")
-        sizes = [(n.get("cores_total") or 0, n.get("memory_total") or 0) for n in nodes]
-        if not sizes or any(c >= cores and (not memory or m >= memory) for c, m in sizes):
-            return
-        most_cores, most_memory = max(c for c, _ in sizes), max(m for _, m in sizes)
-        if cores > most_cores:
-            raise BadRequest(f"no node can ever hold --cores {cores:g} (the most any node has is {most_cores:g})")
-        if memory > most_memory:
-            raise BadRequest(f"no node can ever hold --memory {format_size(memory)} "
-                             f"(the most any node has is {format_size(most_memory)})")
-        raise BadRequest(f"no node can ever hold --cores {cores:g} together with --memory {format_size(memory)}")
+        refusal = pool_refusal(nodes, cores, memory, gpus)
+        if refusal is not None:
+            raise BadRequest(refusal)
 
     async def submit(self, tasks: list[Task], on_confirmed: Callable[[Task], None] | None = None) -> None:
         """Publish the tasks, pipelined, confirms awaited.
@@ -438,16 +407,6 @@ class Client:
                 continue
             if not follow or page["terminal"]:
                 return page
-
-
-def _check_gpus(node: str, info: NodeInfo, ids: list[int], count: int) -> None:
-    """Refuse GPU ids node ``node`` lacks and more GPUs than it has (its retained info says)."""
-    has = ", ".join(map(str, info.gpus)) or "none"
-    missing = [g for g in ids if g not in info.gpus]
-    if missing:
-        raise BadRequest(f"node {node!r} has no GPU {missing[0]} (it has {has})")
-    if count > len(info.gpus):
-        raise BadRequest(f"--gpus {count} is more than node {node!r} has ({len(info.gpus)}: {has})")
 
 
 class Waiter:

@@ -1,11 +1,13 @@
 """``hakuriver.client``: submit, wait, query, kill, pause, resume.
 
-Only click is imported at start-up; the broker client, pydantic and the rest load
-once the command line is known to be good, so ``--help`` and usage errors are fast.
+Only click is imported at start-up; the rest loads once the command line is known to be
+good, so ``--help`` and usage errors are fast (tests/test_cli_imports.py). The everyday
+commands then run on the light path (:mod:`client.quick`: no aio-pika, pydantic or
+asyncio); the others on the aio-pika API (:mod:`client.session`).
 Everything for a person goes to stderr; stdout carries only task ids (on submit) or
 the query's answer (a task's output included), so ``TASK=$(hakuriver.client --wait ...)``
 holds the id. The command line becomes one typed request (:mod:`client.requests`) that
-:mod:`client.session` carries out; exit codes are in :mod:`client.exits`.
+:mod:`client.quick` or :mod:`client.session` carries out; exit codes are in :mod:`client.exits`.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def main(**options) -> None:
         request = _validate(options)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
+    from client import quick
+
+    if quick.handles(request):
+        sys.exit(quick.run(request))
     from client.session import run
 
     sys.exit(run(request))
@@ -183,8 +189,7 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
 
 def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest:
     from client.requests import SubmitRequest
-    from hakuriver.images import check_environment_name
-    from hakuriver.messages import Mount
+    from hakuriver.mounts import parse_mount
     from hakuriver.sizes import parse_size
     from hakuriver.topology import parse_target
 
@@ -205,6 +210,8 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         if memory > bounds.MAX_MEMORY:
             raise UsageError(f"invalid --memory {o['memory']!r}: over the bound of {bounds.MAX_MEMORY} bytes")
     if o["container"] is not None and o["container"].upper() != "NULL":
+        from hakuriver.images import check_environment_name  # pathlib and datetime: only when named
+
         try:
             check_environment_name(o["container"])
         except ValueError as exc:
@@ -215,10 +222,9 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         if not sep or not ENV_KEY.match(key):
             raise UsageError(f"invalid --env {item!r} (use KEY=VALUE with KEY a variable name)")
         env[key] = value
-    mounts = []
     for item in o["mounts"]:
         try:
-            mounts.append(Mount.parse(item))
+            parse_mount(item)
         except ValueError as exc:
             raise UsageError(f"--mount: {exc}") from None
     targets = list(o["targets"])
@@ -246,7 +252,7 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
         sweep_size = span.count(command[1:])
     return SubmitRequest(command=command, targets=targets, gpus=gpus, container=o["container"], cores=cores,
                          memory=memory,
-                         env=env, mounts=mounts, privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
+                         env=env, mounts=list(o["mounts"]), privileged=o["privileged"], wait=o["wait"], follow=o["follow"],
                          timeout=o["timeout"], sweep_size=sweep_size, retries=retries, retry_delay=retry_delay,
                          after=after, **common)
 

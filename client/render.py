@@ -1,13 +1,19 @@
-"""Tables and lines for people (``--json`` prints the data itself instead)."""
+"""Tables and lines for people (``--json`` prints the data itself instead).
+
+Plain data in, text out: no message model is imported here, so both command-line paths
+(the aio-pika session and the light one of :mod:`client.quick`) render the same way.
+"""
 
 from __future__ import annotations
 
 import shlex
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hakuriver.messages import StateEvent
 from hakuriver.sizes import format_size
+
+if TYPE_CHECKING:  # pydantic costs start-up time; any object with these attributes will do
+    from hakuriver.messages import StateEvent
 
 
 def outcome_line(event: StateEvent) -> str:

@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
 from hakuriver.bounds import (DEFAULT_RETRY_DELAY_S, MAX_AFTER, MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES,
                               MAX_ENV_BYTES, MAX_GPUS, MAX_MEMORY, MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RETRIES,
                               MAX_RETRY_DELAY_S, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
+from hakuriver.mounts import parse_mount
 from hakuriver.states import TaskState
 from hakuriver.topology import target_key
 
@@ -61,17 +62,8 @@ class Mount(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> "Mount":
-        """``HOST:CONTAINER[:ro]`` as the client takes it."""
-        parts = text.split(":")
-        read_only = False
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            read_only = parts.pop() == "ro"
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise ValueError(f"invalid mount {text!r} (use HOST:CONTAINER[:ro])")
-        for path in parts:  # said here in one line, before the field validators' longer report
-            if not path.startswith("/"):
-                raise ValueError(f"invalid mount {text!r}: {path!r} is not an absolute path")
-        return cls(host_path=parts[0], container_path=parts[1], read_only=read_only)
+        """``HOST:CONTAINER[:ro]`` as the client takes it (:func:`hakuriver.mounts.parse_mount`)."""
+        return cls(**parse_mount(text)._asdict())
 
     def __str__(self) -> str:
         return f"{self.host_path}:{self.container_path}" + (":ro" if self.read_only else "")
