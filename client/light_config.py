@@ -23,7 +23,7 @@ ENV_PREFIX = "HAKURIVER_"
 
 # Every section and key of hakuriver.config.Config (tests/test_quick.py checks they agree).
 KEYS: dict[str, frozenset[str]] = {
-    "broker": frozenset({"url", "prefix", "queue_type"}),
+    "broker": frozenset({"url", "prefix", "queue_type", "ca_file", "cert_file", "key_file"}),  # TLS: load_config
     "node": frozenset({"name", "cores", "memory", "allow_privileged", "allow_root", "allow_root_containers",
                        "allowed_mount_roots", "gpus", "executor"}),
     "paths": frozenset({"shared_dir", "local_temp_dir", "state_dir"}),

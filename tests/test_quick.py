@@ -91,13 +91,14 @@ def test_cli_config_error_is_the_config_modules_words(tmp_path):
 def _fields(**changes) -> dict:
     fields = dict(task_id=386360984018151425, batch_id=386360984018151424, command="python", args=["-c", "print(1)"],
                   env={}, cores=0.0, memory=None, target="node1", numa=None, gpus=None, gpu_count=0,
-                  container=None, privileged=False, mounts=[], retries=0, user="guest", submit_host="box",
-                  submitted_at=1796182831.0710416)
+                  container=None, privileged=False, mounts=[], retries=0, retry_delay=3.0, attempt=1, after=[],
+                  user="guest", submit_host="box", submitted_at=1796182831.0710416)
     fields.update(changes)
     return fields
 
 
 @pytest.mark.parametrize("changes", [
+    dict(retries=2, retry_delay=0.5),   # --retries 2 --retry-delay 0.5
     {},
     {"args": ["é ü 漢字 🎉", 'quote " back \\ slash', "ctl \x00\x01\x1f\x7f\u2028 nl\n tab\t"], "cores": 2.5,
      "memory": 8 << 30, "numa": 1, "env": {"A": "1", "B_2": "é\n"}, "container": "ml-env", "privileged": True},
