@@ -16,7 +16,9 @@ import sys
 from typing import Any, Callable, Iterable
 
 from client import render
-from client.exits import EXIT_FAILED, EXIT_OK
+from client.errors import NotYours
+from client.exits import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_UNREACHABLE,
+                          EXIT_USAGE)
 from hakuriver.states import TaskState
 
 PROGRESS_LINE_ABOVE = 10  # more tasks than this: a live progress line instead of a line per task
@@ -62,6 +64,28 @@ def followed_output(stream: str, data: bytes) -> None:
 def emit(as_json: bool, data: Any, table: Callable[[], str]) -> None:
     """A query's answer: its data as JSON, or the table for people."""
     write_stdout((json.dumps(data, indent=2) + "\n" if as_json else table()).encode())
+
+
+def reported(body: Callable[[], int], usage: tuple[type[BaseException], ...],
+             unreachable: tuple[type[BaseException], ...]) -> int:
+    """``body()``'s exit code, or the one its failure means, said in one line: ``usage`` errors
+    are bad input (2), someone else's task a refusal (1), ``unreachable`` ones the broker or
+    host (3). Both command-line paths end here, so a failure reads the same on either."""
+    try:
+        return body()
+    except usage as exc:
+        say(f"hakuriver.client: {exc}")
+        return EXIT_USAGE
+    except NotYours as exc:  # someone else's task: a refusal, not bad input
+        say(str(exc))
+        return EXIT_FAILED
+    except unreachable as exc:
+        say(f"hakuriver.client: {exc}")
+        return EXIT_UNREACHABLE
+    except StdoutClosed:
+        return EXIT_PIPE_CLOSED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def exit_code_for(results: Iterable[Any]) -> int:

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from client import render, wire
 from client.bodies import encode_kill, encode_task
 from client.checks import node_refusal, offline_note, pool_refusal
-from client.console import Progress, StdoutClosed, emit, exit_code_for, say, write_stdout
+from client.console import Progress, emit, exit_code_for, reported, say, write_stdout
 from client.errors import BadRequest, NotYours
-from client.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_UNREACHABLE, EXIT_USAGE
+from client.exits import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from client.light_broker import Broker, TimedOut, Unreachable
 from client.light_config import ClientSettings, NotPlain, read_settings
 from client.requests import (KillRequest, ListNodesRequest, ListTasksRequest, Request, StatusRequest,
@@ -73,20 +73,7 @@ def run(request: Request) -> int:
         StatusRequest: _status, ListTasksRequest: _list_tasks, ListNodesRequest: _list_nodes}
     broker = Broker(settings, ssl_context_for(settings))
     try:
-        return handlers[type(request)](broker, request)
-    except BadRequest as exc:
-        say(f"hakuriver.client: {exc}")
-        return EXIT_USAGE
-    except NotYours as exc:  # someone else's task: a refusal, not bad input
-        say(str(exc))
-        return EXIT_FAILED
-    except Unreachable as exc:
-        say(f"hakuriver.client: {exc}")
-        return EXIT_UNREACHABLE
-    except StdoutClosed:
-        return EXIT_PIPE_CLOSED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return reported(lambda: handlers[type(request)](broker, request), (BadRequest,), (Unreachable,))
     finally:
         broker.close()
 

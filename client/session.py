@@ -15,9 +15,9 @@ import logging
 from typing import Any, Callable
 
 from client import render
-from client.api import BadRequest, Client, HostUnavailable, NotYours, TaskSpec, WrongState
-from client.console import Progress, StdoutClosed, emit, exit_code_for, followed_output, say, write_stdout
-from client.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_UNREACHABLE, EXIT_USAGE
+from client.api import BadRequest, Client, HostUnavailable, TaskSpec, WrongState
+from client.console import Progress, emit, exit_code_for, followed_output, reported, say, write_stdout
+from client.exits import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from client.requests import HealthRequest, OutputRequest, PauseRequest, Request, SubmitRequest
 from hakuriver.broker import BrokerUnreachable
 from hakuriver.config import Config, ConfigError, load_config
@@ -36,21 +36,9 @@ def run(request: Request) -> int:
     except ConfigError as exc:
         say(f"hakuriver.client: {exc}")
         return EXIT_USAGE
-    try:
-        return asyncio.run(_run(config, request))
-    except (BadRequest, ConfigError) as exc:  # ConfigError: a [broker] TLS file that is no certificate
-        say(f"hakuriver.client: {exc}")
-        return EXIT_USAGE
-    except NotYours as exc:  # someone else's task: a refusal, not bad input
-        say(str(exc))
-        return EXIT_FAILED
-    except (BrokerUnreachable, HostUnavailable) as exc:
-        say(f"hakuriver.client: {exc}")
-        return EXIT_UNREACHABLE
-    except StdoutClosed:
-        return EXIT_PIPE_CLOSED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    # ConfigError: a [broker] TLS file that is no certificate, found when connecting
+    return reported(lambda: asyncio.run(_run(config, request)), (BadRequest, ConfigError),
+                    (BrokerUnreachable, HostUnavailable))
 
 
 async def _run(config: Config, request: Request) -> int:
