@@ -34,7 +34,7 @@ async def _fill(cluster: Cluster, count: int) -> tuple[float, int]:
     from hakuriver.messages import StateEvent, Task
     from hakuriver.states import TaskState
 
-    config = cluster.config
+    config = cluster.load_config()
     ledger = Ledger(config.database_url, Path(config.paths.state_dir) / "logs")
     await ledger.open()
     start, middle = time.perf_counter(), 0
@@ -107,7 +107,7 @@ def run(root: Path) -> list[Row]:
         say(f"filling a SQLite ledger with {LEDGER_TASKS:,} tasks for the dashboard")
         fill_s, middle = asyncio.run(_fill(cluster, LEDGER_TASKS))
         cluster.start_host()
-        host, port = cluster.config.web.address
+        host, port = cluster.load_config().web.address
         url = f"http://{host}:{port}"
         _wait_ready(url)
         say("timing the dashboard's task listing")
