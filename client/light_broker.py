@@ -23,6 +23,7 @@ from client.bodies import encode_rpc_request
 from client.errors import BadRequest, NotYours
 from client.light_config import ClientSettings
 from hakuriver import identity
+from hakuriver.broker_address import unreachable_message
 from hakuriver.states import TaskState
 
 if TYPE_CHECKING:
@@ -83,13 +84,12 @@ class Broker:
             self.channel = self.wire.open_channel(confirms=True)
         except (OSError, ValueError, wire.WireError) as exc:
             self.wire = None
-            where = ", ".join(wire.redact(u) for u in self.urls)
             why = None
             if self.ssl_context is not None:  # amqps://: a refused certificate said as such
                 from hakuriver.tls import describe_failure
 
                 why = describe_failure(exc)
-            raise Unreachable(f"broker unreachable at {where}: {why or exc or type(exc).__name__}") from None
+            raise Unreachable(unreachable_message(self.urls, exc, why)) from None
         self._side, self._reply_consumer, self._events_queue = 0, "", ""
 
     def reconnect(self) -> None:

@@ -36,6 +36,8 @@ from pamqp import heartbeat as amqp_heartbeat
 from pamqp.commands import Basic, Channel, Confirm, Queue
 from pamqp.commands import Connection as Conn
 
+from hakuriver.broker_address import redact
+
 if TYPE_CHECKING:
     import ssl
 
@@ -99,15 +101,6 @@ def parse_url(url: str) -> BrokerAddress:
                          unquote(parts.username) if parts.username else "guest",
                          unquote(parts.password) if parts.password else "guest",
                          unquote(parts.path[1:]) or "/", tls, heartbeat)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages a person reads."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def connect(urls: list[str], name: str, ssl_context: ssl.SSLContext | None = None,

@@ -15,7 +15,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from hakuriver.connection import connect_any, redact, split_urls
+from hakuriver import broker_address
+from hakuriver.connection import connect_any, split_urls
 from hakuriver.tls import describe_failure
 from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 
@@ -46,8 +47,7 @@ async def connect(url: str, name: str, timeout: float = 10.0, ssl_context: ssl.S
 
 def unreachable_message(urls: list[str], exc: BaseException) -> str:
     """One line: which addresses did not answer, and why (a TLS refusal said as such)."""
-    where = ", ".join(redact(u) for u in urls)
-    return f"broker unreachable at {where}: {describe_failure(exc) or exc or type(exc).__name__}"
+    return broker_address.unreachable_message(urls, exc, describe_failure(exc))
 
 
 class Exchanges:

@@ -27,6 +27,8 @@ from aio_pika import RobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from yarl import URL
 
+from hakuriver.broker_address import redact
+
 log = logging.getLogger(__name__)
 
 _CONNECT_STEP = "_RobustConnection__connect_transport"
@@ -50,12 +52,6 @@ def split_urls(text: str) -> list[str]:
         if URL(url).scheme not in ("amqp", "amqps") or not URL(url).host:
             raise ValueError(f"not an amqp:// or amqps:// URL: {redact(url)!r}")
     return urls
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages a person reads."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
 
 
 def attempt_order(start: int, count: int) -> list[int]:
