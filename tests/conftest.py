@@ -1,4 +1,4 @@
-"""Shared fixtures: a local two-node cluster, and a private broker prefix."""
+"""Shared fixtures: a local two-node cluster, a one-node cluster a module shares, and a private broker prefix."""
 
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ from harness.local_cluster import Cluster, delete_prefix, unique_prefix  # noqa:
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = Cluster(tmp_path / "cluster", ["node1", "node2"])
-    try:
+    with Cluster(tmp_path / "cluster", ["node1", "node2"]) as c:
         yield c.start()
-    finally:
-        c.stop()
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory, request):
+    """One runner, node1, started once for a whole test module (a module uses it as its ``cluster``)."""
+    with Cluster(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]), ["node1"]) as c:
+        yield c.start()
 
 
 @pytest.fixture

@@ -70,6 +70,17 @@ async def docker_config(tmp_path: Path, unique: str, docker_engine):
             await container.delete(force=True)
 
 
+
+@pytest.fixture
+async def docker_executor(docker_config, docker_engine):
+    """A docker executor on ``docker_config``, closed afterwards."""
+    from runner.executors.docker import DockerExecutor
+
+    executor = DockerExecutor(docker_config)
+    yield executor
+    await executor.close()
+
+
 def _config(tmp_path: Path, unique: str) -> Config:
     shared = tmp_path / "shared"
     local_temp = tmp_path / "local_temp"

@@ -15,8 +15,8 @@ import pytest
 
 from harness.local_cluster import wait_until_async
 
-from docker_fixtures import (BASE_IMAGE, docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
-                             unique)
+from docker_fixtures import (BASE_IMAGE, docker_client, docker_config, docker_engine,  # noqa: F401
+                             docker_executor, make_spec, make_task, unique)
 from hakuriver.messages import Mount
 from hakuriver.containers import MIN_CORES, MIN_MEMORY
 from runner.executors.base import Handle, StartFailed, TaskRejected
@@ -25,10 +25,8 @@ from hakuriver.images import image_timestamp, tarball_path
 
 
 @pytest.fixture
-async def executor(docker_config, docker_engine):
-    executor = DockerExecutor(docker_config)
-    yield executor
-    await executor.close()
+def executor(docker_executor):
+    return docker_executor
 
 
 async def run_to_end(executor: DockerExecutor, task, spec):

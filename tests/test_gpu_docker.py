@@ -8,17 +8,15 @@ import asyncio
 
 import pytest
 
-from docker_fixtures import (docker_client, docker_config, docker_engine, make_spec, make_task,  # noqa: F401
-                             unique)
+from docker_fixtures import (docker_client, docker_config, docker_engine, docker_executor,  # noqa: F401
+                             make_spec, make_task, unique)
 from runner.executors.base import StartFailed
-from runner.executors.docker import DockerExecutor, container_name
+from runner.executors.docker import container_name
 
 
 @pytest.fixture
-async def executor(docker_config, docker_engine):
-    executor = DockerExecutor(docker_config)
-    yield executor
-    await executor.close()
+def executor(docker_executor):
+    return docker_executor
 
 
 async def test_the_created_container_requests_exactly_the_tasks_gpus(executor, docker_config, docker_client,

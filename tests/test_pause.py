@@ -27,12 +27,8 @@ FROZEN_WINDOW_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("pause"), ["node1"])
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+def cluster(module_cluster):
+    return module_cluster
 
 
 def _marker() -> str:

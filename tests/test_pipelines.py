@@ -19,12 +19,8 @@ from hakuriver.host.pipelines import verdict
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("pipelines"), ["node1"])
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+def cluster(module_cluster):
+    return module_cluster
 
 
 class Stages:

@@ -24,12 +24,8 @@ OFFLINE_AFTER = 2.0  # the harness: heartbeats every 0.5 s, offline after 4 miss
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("retries"), ["node1"])
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+def cluster(module_cluster):
+    return module_cluster
 
 
 def _runs(cluster: Cluster, name: str) -> list[str]:
