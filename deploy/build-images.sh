@@ -34,14 +34,7 @@ log() { echo "build-images: $*" >&2; }
 print_env=false
 [ "${1:-}" = "--print-env" ] && print_env=true
 
-find_mirror() {
-    # deb822 (URIs:) and one-line (deb URL suite) formats; skip the security archive.
-    local url
-    url=$(grep -hsE '^\s*(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-        | grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ')
-    echo "${url:-http://deb.debian.org/debian}"
-}
-mirror=${HAKURIVER_DEBIAN_MIRROR:-$(find_mirror)}
+. "$here/debian-mirror.sh"  # sets $mirror
 
 apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \

@@ -34,13 +34,7 @@ base_packages="systemd-sysv udev dbus linux-image-cloud-amd64 python3 python3-ve
 base_recipe=1
 log() { echo "build-image: $*" >&2; }
 
-find_mirror() {
-    local url
-    url=$(grep -hsE '^\s*(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-        | grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ')
-    echo "${url:-http://deb.debian.org/debian}"
-}
-mirror=${HAKURIVER_DEBIAN_MIRROR:-$(find_mirror)}
+. "$here/../debian-mirror.sh"  # sets $mirror
 
 missing=()
 command -v debootstrap >/dev/null || missing+=(debootstrap)
