@@ -16,9 +16,11 @@ Figures and their same-run baselines:
   time (all runners share the machine's 2 cores).
 - idle: the host's CPU over 20 s and the ledger messages it ingests per second
   (every heartbeat is one), with 50 runners and no task; the 50 runners' CPU together, and
-  the messages the broker delivered per second (its global counter: the whole broker,
-  neighbours included, so the same figure with no runner is the baseline). Until issue 19
-  every runner was delivered every other runner's heartbeats: 500/s more here.
+  how many runners listen to the others' heartbeats (queues bound to their key, from
+  ``rabbitmqctl list_bindings``: each is delivered 49 heartbeats per 5 s) and the heartbeat
+  deliveries per second this makes (the host's 10/s plus the listeners'). Until issue 19
+  every runner listened: 500 deliveries/s more. The broker's own delivery counter is
+  broker-wide (neighbours share it), too noisy for this.
 
 The broker's memory per runner, on a cluster with quorum queues: bench/broker_memory.py.
 """
@@ -71,18 +73,7 @@ class Idle:
     host_cpu: float      # % of one core
     ledger_rate: float   # messages the host ingested per second
     runners_cpu: float   # % of one core, all runners together
-    delivered: float | None  # messages per second the whole broker delivered (None: not readable)
-
-
-def _broker_delivered() -> int | None:
-    """The broker's count of messages delivered to consumers so far (all queue types), or None."""
-    expr = ("lists:sum([maps:get(messages_delivered_total, V, 0) "
-            "|| {_, V} <- maps:to_list(rabbit_global_counters:overview())]).")
-    try:
-        result = subprocess.run(["rabbitmqctl", "-q", "eval", expr], capture_output=True, text=True, timeout=60)
-        return int(result.stdout.strip())
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
+    listeners: int       # runners bound to the others' heartbeats
 
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
@@ -94,21 +85,14 @@ def _idle(cluster: Cluster) -> Idle:
     host = psutil.Process(cluster.processes["host"].pid)
     runners = [psutil.Process(p.pid) for name, p in cluster.processes.items() if name != "host"]
     before = asyncio.run(_query(cluster, "health"))["host"]["messages_ingested"]
-    delivered_before, counted_from = _broker_delivered(), time.monotonic()
     cpu_before, runners_before = _cpu_seconds([host]), _cpu_seconds(runners)
     start = time.monotonic()
     time.sleep(IDLE_S)  # the idle period itself, not a synchronisation
     elapsed = time.monotonic() - start
     cpu, runners_cpu = _cpu_seconds([host]) - cpu_before, _cpu_seconds(runners) - runners_before
-    delivered_after, counted_to = _broker_delivered(), time.monotonic()
     after = asyncio.run(_query(cluster, "health"))["host"]["messages_ingested"]
-    delivered = (None if delivered_before is None or delivered_after is None
-                 else (delivered_after - delivered_before) / (counted_to - counted_from))
-    return Idle(cpu / elapsed * 100, (after - before) / elapsed, runners_cpu / elapsed * 100, delivered)
-
-
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0f}/s"
+    return Idle(cpu / elapsed * 100, (after - before) / elapsed, runners_cpu / elapsed * 100,
+                cluster.heartbeat_listeners())
 
 
 def _sweep(cluster: Cluster) -> tuple[float, collections.Counter]:
@@ -172,10 +156,12 @@ def run(root: Path) -> list[Row]:
         say("idle cost")
         time.sleep(5)  # let the start-up burst (node info, first heartbeats) pass
         idle = _idle(cluster)
-        rows.append(Row(f"idle with {RUNNERS} nodes: host CPU; ledger messages/s; runners' CPU; broker deliveries",
-                        f"{alone.host_cpu:.1f} % (no runner); broker {_rate(alone.delivered)}",
+        beats = RUNNERS / TIMING["heartbeat_interval"]
+        delivered = beats + idle.listeners * beats * (RUNNERS - 1) / RUNNERS
+        rows.append(Row(f"idle with {RUNNERS} nodes: host CPU; ledger messages/s; runners' CPU; heartbeat deliveries",
+                        f"{alone.host_cpu:.1f} % (no runner)",
                         f"{idle.host_cpu:.1f} % of a core; {idle.ledger_rate:.1f} msg/s; runners "
-                        f"{idle.runners_cpu:.1f} % together; broker {_rate(idle.delivered)}",
+                        f"{idle.runners_cpu:.1f} % together; {delivered:.0f}/s ({idle.listeners} runners listening)",
                         f"+{idle.host_cpu - alone.host_cpu:.1f} %", "—", None,
                         note=f"over {IDLE_S} s, heartbeat every {TIMING['heartbeat_interval']:g} s: "
                              f"{RUNNERS / TIMING['heartbeat_interval']:.0f}/s expected; the broker carries each "

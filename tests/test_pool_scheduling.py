@@ -201,22 +201,14 @@ def test_a_pool_task_no_node_can_hold_is_rejected_and_blocks_nothing(small_clust
     assert ("64 cores" if "cores" in need else "500.0G") in task["message"], task["message"]
 
 
-def heartbeat_listeners(c: Cluster) -> int:
-    """How many queues are bound to the runners' heartbeat key (the host's ledger binds a wider one)."""
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_bindings", "source_name", "routing_key", "--no-table-headers"],
-                            capture_output=True, text=True, timeout=120, check=True).stdout
-    wanted = [Topology(c.prefix).events, Topology.heartbeat_key("*")]
-    return sum(1 for line in listed.splitlines() if line.split("\t") == wanted)
-
-
 def test_idle_runners_hear_no_heartbeats_and_listen_only_while_a_pool_task_asks(small_cluster):
     """Issue 19: every runner hearing every other one is N² deliveries; idle, none is bound."""
     c = small_cluster
-    assert heartbeat_listeners(c) == 0
+    assert c.heartbeat_listeners() == 0
     big = publish(c, command="true", cores=64)
     assert "no online node" in c.wait_state(big, "rejected")["message"]
-    assert heartbeat_listeners(c) >= 1  # the runner that judged it still listens (LISTEN_FOR)
-    wait_until(lambda: heartbeat_listeners(c) == 0, timeout=90, what="the runners to stop listening")
+    assert c.heartbeat_listeners() >= 1  # the runner that judged it still listens (LISTEN_FOR)
+    wait_until(lambda: c.heartbeat_listeners() == 0, timeout=90, what="the runners to stop listening")
 
 
 def test_a_kill_wins_over_a_pool_task_no_node_can_hold(small_cluster):
