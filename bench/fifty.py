@@ -15,7 +15,12 @@ Figures and their same-run baselines:
   and how many tasks each runner took; baseline: asyncio spawning 2,000 ``true``, 2 at a
   time (all runners share the machine's 2 cores).
 - idle: the host's CPU over 20 s and the ledger messages it ingests per second
-  (every heartbeat is one), with 50 runners and no task.
+  (every heartbeat is one), with 50 runners and no task; the 50 runners' CPU together, and
+  how many runners listen to the others' heartbeats (queues bound to their key, from
+  ``rabbitmqctl list_bindings``: each is delivered 49 heartbeats per 5 s) and the heartbeat
+  deliveries per second this makes (the host's 10/s plus the listeners'). Until issue 19
+  every runner listened: 500 deliveries/s more. The broker's own delivery counter is
+  broker-wide (neighbours share it), too noisy for this.
 
 The broker's memory per runner, on a cluster with quorum queues: bench/broker_memory.py.
 """
@@ -26,6 +31,7 @@ import asyncio
 import collections
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -62,17 +68,31 @@ def _online(cluster: Cluster) -> int:
     return sum(1 for n in nodes if n["online"])
 
 
-def _idle(cluster: Cluster) -> tuple[float, float]:
-    """(host CPU % of one core, ledger messages ingested per second) over IDLE_S seconds."""
+@dataclass
+class Idle:
+    host_cpu: float      # % of one core
+    ledger_rate: float   # messages the host ingested per second
+    runners_cpu: float   # % of one core, all runners together
+    listeners: int       # runners bound to the others' heartbeats
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+def _idle(cluster: Cluster) -> Idle:
+    """What the cluster costs over IDLE_S seconds with no task."""
     host = psutil.Process(cluster.processes["host"].pid)
+    runners = [psutil.Process(p.pid) for name, p in cluster.processes.items() if name != "host"]
     before = asyncio.run(_query(cluster, "health"))["host"]["messages_ingested"]
-    cpu_before = sum(host.cpu_times()[:2])
+    cpu_before, runners_before = _cpu_seconds([host]), _cpu_seconds(runners)
     start = time.monotonic()
     time.sleep(IDLE_S)  # the idle period itself, not a synchronisation
     elapsed = time.monotonic() - start
-    cpu = (sum(host.cpu_times()[:2]) - cpu_before) / elapsed * 100
+    cpu, runners_cpu = _cpu_seconds([host]) - cpu_before, _cpu_seconds(runners) - runners_before
     after = asyncio.run(_query(cluster, "health"))["host"]["messages_ingested"]
-    return cpu, (after - before) / elapsed
+    return Idle(cpu / elapsed * 100, (after - before) / elapsed, runners_cpu / elapsed * 100,
+                cluster.heartbeat_listeners())
 
 
 def _sweep(cluster: Cluster) -> tuple[float, collections.Counter]:
@@ -119,7 +139,7 @@ def run(root: Path) -> list[Row]:
         while cluster.cli("--list-nodes").returncode != 0:
             time.sleep(0.1)
         say("idle cost with no runner (baseline)")
-        cpu_alone, _ = _idle(cluster)
+        alone = _idle(cluster)
         say(f"starting {RUNNERS} runners")
         start = time.perf_counter()
         for node in nodes:
@@ -135,9 +155,14 @@ def run(root: Path) -> list[Row]:
 
         say("idle cost")
         time.sleep(5)  # let the start-up burst (node info, first heartbeats) pass
-        cpu, rate = _idle(cluster)
-        rows.append(Row(f"idle with {RUNNERS} nodes: host CPU; ledger messages/s", f"{cpu_alone:.1f} % (no runner)",
-                        f"{cpu:.1f} % of a core; {rate:.1f} msg/s", f"+{cpu - cpu_alone:.1f} %", "—", None,
+        idle = _idle(cluster)
+        beats = RUNNERS / TIMING["heartbeat_interval"]
+        delivered = beats + idle.listeners * beats * (RUNNERS - 1) / RUNNERS
+        rows.append(Row(f"idle with {RUNNERS} nodes: host CPU; ledger messages/s; runners' CPU; heartbeat deliveries",
+                        f"{alone.host_cpu:.1f} % (no runner)",
+                        f"{idle.host_cpu:.1f} % of a core; {idle.ledger_rate:.1f} msg/s; runners "
+                        f"{idle.runners_cpu:.1f} % together; {delivered:.0f}/s ({idle.listeners} runners listening)",
+                        f"+{idle.host_cpu - alone.host_cpu:.1f} %", "—", None,
                         note=f"over {IDLE_S} s, heartbeat every {TIMING['heartbeat_interval']:g} s: "
                              f"{RUNNERS / TIMING['heartbeat_interval']:.0f}/s expected; the broker carries each "
                              "message once in (runner) and once out (host)"))

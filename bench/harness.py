@@ -9,6 +9,8 @@ The cluster is the tests' own :class:`harness.local_cluster.Cluster`, with bench
 
 from __future__ import annotations
 
+import compileall
+import functools
 import os
 import statistics
 import subprocess
@@ -118,6 +120,21 @@ class Cluster(local_cluster.Cluster):
         super().__init__(root, nodes, prefix_stem="hkb", broker_url=BROKER_URL, **sections)
         # Byte code cached, as an installed package has it (pip compiles at install): under
         # PYTHONDONTWRITEBYTECODE every CLI start would compile the project's modules from source
-        # again, and start-up figures would measure the compiler. Kept in the work directory.
+        # again, and start-up figures would measure the compiler.
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
-        self.env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
+        _compile_project()
+
+
+@functools.cache
+def _compile_project() -> None:
+    """The project's byte code in its ``__pycache__`` folders before any process starts.
+
+    Not in a fresh ``PYTHONPYCACHEPREFIX`` (as from 2026-12-02 to issue 12): Python then looks
+    for *every* module's byte code there, the standard library's and the dependencies' too, so
+    the first process of each cluster compiled some 320 modules, and what the compiler left in
+    its heap stayed: the runner's idle RSS went from 47 to 64 MB (bench ``footprint``), and the
+    50 runners of ``fifty`` each compiled at start. The standard library and the dependencies
+    already have theirs, next to their sources.
+    """
+    for package in ("hakuriver", "runner", "client", "hakurun"):
+        compileall.compile_dir(REPO / package, quiet=1)

@@ -238,6 +238,16 @@ class Cluster:
     def query(self, *args: str):
         return json.loads(self.cli_ok(*args, "--json"))
 
+    def heartbeat_listeners(self) -> int:
+        """How many queues are bound to the runners' heartbeat key: runners hearing each other
+        (runner/peers.py; the host's ledger binds a wider key). From ``rabbitmqctl list_bindings``."""
+        from hakuriver.topology import Topology
+
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_bindings", "source_name", "routing_key",
+                                 "--no-table-headers"], capture_output=True, text=True, timeout=120, check=True).stdout
+        wanted = [Topology(self.prefix).events, Topology.heartbeat_key("*")]
+        return sum(1 for line in listed.splitlines() if line.split("\t") == wanted)
+
     def node_states(self) -> dict[str, bool]:
         result = self.cli("--list-nodes", "--json", timeout=20)
         if result.returncode != 0:

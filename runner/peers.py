@@ -12,6 +12,15 @@ judgement is cautious: a node counts as online here until it has been silent for
 ``FORGET_AFTER`` offline windows (a node briefly late under load still counts) or said it
 stops, and right after the runner starts (or reconnects) it judges nothing until it has
 listened for ``SETTLE_AFTER`` windows, so every live runner has been heard.
+
+A runner listens only while it needs to (issue 19): every runner hearing every other one's
+heartbeats is N² deliveries, 500/s with 50 runners at one heartbeat per 5 s (each a parse in
+each runner) and 50,000/s with 500, for a question most runners never ask. So a runner binds
+its heartbeat queue when a pool task asks it (one it can never run, or one whose GPUs are busy
+here: :meth:`Peers.want`), judges once settled as above, and unbinds after ``LISTEN_FOR``
+windows without such a task. An idle cluster, or one whose pool tasks fit everywhere, carries
+each heartbeat once (to the host); the price is one settling wait (2 windows, 30 s by default)
+at the first such task after a quiet spell, while the task stays in the pool.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from runner.executors.select import executor_name
 
 SETTLE_AFTER = 2  # offline windows of listening before judging
 FORGET_AFTER = 4  # offline windows of silence before a node no longer counts
+LISTEN_FOR = 4    # offline windows a runner keeps listening after the last pool task that asked
 
 
 @dataclass(frozen=True)
@@ -85,17 +95,32 @@ class Peers:
         self.node = node
         self.settle_after = SETTLE_AFTER * offline_after
         self.forget_after = FORGET_AFTER * offline_after
+        self.listen_for = LISTEN_FOR * offline_after
         self._clock = clock
-        self._listening_since = clock()
+        self._listening_since: float | None = clock()
+        self._wanted_at = -float("inf")
         self._heard: dict[str, tuple[NodeView, float]] = {}
 
     def restart(self) -> None:
-        """Listening starts again (after a reconnect): what was heard before may be stale."""
+        """Listening starts again (after binding, or a reconnect): what was heard before may be stale."""
         self._listening_since = self._clock()
 
+    def stop(self) -> None:
+        """Listening stops (unbound): nothing heard counts any more, nothing is judged until it starts again."""
+        self._listening_since = None
+        self._heard.clear()
+
+    def want(self) -> None:
+        """A pool task asks who else could run it: listening should be on (the runner binds)."""
+        self._wanted_at = self._clock()
+
+    def wanted(self) -> bool:
+        """Whether a pool task asked within the last ``LISTEN_FOR`` windows."""
+        return self._clock() - self._wanted_at < self.listen_for
+
     def heard(self, beat: Heartbeat) -> None:
-        if beat.node == self.node:
-            return
+        if beat.node == self.node or self._listening_since is None:
+            return  # a delivery that crossed the unbind: not listening any more
         if beat.stopping:
             self._heard.pop(beat.node, None)
         else:
@@ -103,7 +128,7 @@ class Peers:
 
     def settled(self) -> bool:
         """Whether every online runner has had a chance to be heard."""
-        return self._clock() - self._listening_since >= self.settle_after
+        return self._listening_since is not None and self._clock() - self._listening_since >= self.settle_after
 
     def online(self) -> list[NodeView]:
         now = self._clock()

@@ -16,7 +16,8 @@
     control queue ──► kill (running or paused: stop the process tree; waiting: never start it)
                   ──► pause / resume (running tasks only: the executor freezes the whole tree)
     every heartbeat_interval ──► heartbeat (resources, NUMA, running ids)
-    others' heartbeats ──► peers (who could run a pool task this node cannot)
+    others' heartbeats ──► peers (who could run a pool task this node cannot), bound only
+                           while such a task asks (runner/peers.py): O(N) traffic when idle
 
 Every event leaves through the store's outbox, so none is lost while the broker
 is away. The runner only talks to executors through their interface.
@@ -107,12 +108,16 @@ class Runner:
         self._next_reasons = 0.0
         self.running: dict[int, Running] = {}
         self.peers = Peers(self.node, config.timing.offline_after)
+        self.peers.stop()  # nobody is heard until a pool task asks (see _update_heartbeat_binding)
         self._background: set[asyncio.Task] = set()
         self._schedule_wakeup = asyncio.Event()
+        self._output_wakeup = asyncio.Event()  # a task runs: the output loop polls again
         self._pool_queue = None
         self._pool_tag: str | None = None
         self._pool_paused_until = 0.0
         self._pool_look_until = 0.0
+        self._beats = None  # this runner's queue of the others' heartbeats, bound only on demand
+        self._beats_bound = False
         self._connection = None
 
     # ---- life cycle -------------------------------------------------------------------
@@ -177,11 +182,10 @@ class Runner:
         await control.bind(exchanges.control, ALL_NODES_KEY)
         await queue.consume(self._on_task_message)
         await control.consume(self._on_control_message)
-        beats = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await beats.bind(exchanges.events, self.topo.heartbeat_key("*"))
-        self.peers.restart()
-        await beats.consume(self._on_heartbeat, no_ack=True)
-        self._connection.reconnect_callbacks.add(lambda *_: self.peers.restart())
+        # declared and consumed now, bound to the heartbeats only while a pool task asks
+        self._beats = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._beats.consume(self._on_heartbeat, no_ack=True)
+        self._connection.reconnect_callbacks.add(self._listen_again)
 
         pool_channel = await self._connection.channel(publisher_confirms=True)
         await pool_channel.set_qos(prefetch_count=1)
@@ -277,13 +281,24 @@ class Runner:
                 # Its GPUs are busy here: leave it to a node that has them free now (waiting here
                 # would keep two tasks from running at once), else wait for them here, not at
                 # the head of the pool, where it would hold back the tasks behind it.
+                if (peers := self._peers_heard()) is None:
+                    return False, None  # not everyone heard yet: leave it, look again
                 room = not any(len(peer.gpus_free) >= task.gpu_count and peer.cannot_run(task) is None
-                               for peer in self.peers.online())
+                               for peer in peers)
             return room, self._refusal(task)
-        if not self.peers.settled():
+        if (peers := self._peers_heard()) is None:
             return False, None  # not everyone heard yet: do not judge
-        rejection = pool_refusal(task, [self._view(), *self.peers.online()])
+        rejection = pool_refusal(task, [self._view(), *peers])
         return rejection is not None, rejection
+
+    def _peers_heard(self) -> list[NodeView] | None:
+        """The other runners online as heard, or None until listening has settled. Asking
+        starts the listening (the schedule loop binds at once) or keeps it going."""
+        self.peers.want()
+        if not self.peers.settled():
+            self._schedule_wakeup.set()
+            return None
+        return self.peers.online()
 
     def _view(self) -> NodeView:
         return NodeView(self.node, self.admission.capacity, frozenset(self.executors))
@@ -309,6 +324,31 @@ class Runner:
             self.peers.heard(Heartbeat.from_bytes(message.body))
         except ValueError as exc:  # the host dead-letters bad heartbeats; here it is only not heard
             log.debug("heartbeat ignored: %s", one_line(exc))
+
+    def _listen_again(self, *_) -> None:
+        """After a reconnect the queue is new (bound again if it was): what was heard may be stale."""
+        if self._beats_bound:
+            self.peers.restart()
+
+    async def _update_heartbeat_binding(self) -> None:
+        """Bind this runner's heartbeat queue while a pool task wants the others heard, unbind
+        after ``LISTEN_FOR`` quiet windows (runner/peers.py). Settling counts from the bind."""
+        if self._beats is None or self.peers.wanted() == self._beats_bound:
+            return
+        key = self.topo.heartbeat_key("*")
+        try:
+            if self._beats_bound:
+                await self._beats.unbind(self._consume_exchanges.events, key)
+            else:
+                await self._beats.bind(self._consume_exchanges.events, key)
+        except Exception as exc:  # the broker is away: the next pass tries again
+            log.debug("heartbeat binding not updated: %s", exc)
+            return
+        self._beats_bound = not self._beats_bound
+        if self._beats_bound:
+            self.peers.restart()
+        else:
+            self.peers.stop()
 
     async def _update_pool_consumer(self) -> None:
         if self._pool_queue is None:
@@ -439,6 +479,7 @@ class Runner:
                 self._spawn(self._run(task))
             self._tell_why_waiting()
             await self._update_pool_consumer()
+            await self._update_heartbeat_binding()
 
     def _tell_why_waiting(self) -> None:
         """Send a ``queued`` event again, with the reason as its message, for each task
@@ -506,6 +547,7 @@ class Runner:
         executor = executor_for(task, self.executors, now=False)
         running = Running(task, executor, self._output_stream(task.task_id, spec, attempt=task.attempt))
         self.running[task.task_id] = running
+        self._output_wakeup.set()
         # a slow start (a container image to load) is told like any other wait
         telling = asyncio.get_running_loop().call_later(WAIT_REASON_EVERY_S, self.store.tell_waiting, {
             task.task_id: f"starting: the {executor.name} executor prepares it (a container image may be loading)"})
@@ -609,6 +651,9 @@ class Runner:
 
     async def _output_loop(self) -> None:
         while True:
+            if not self.running:  # idle: no OUTPUT_POLL_S wake-ups (20 a second) for nothing
+                self._output_wakeup.clear()
+                await self._output_wakeup.wait()
             await asyncio.sleep(OUTPUT_POLL_S)
             for running in list(self.running.values()):
                 if running.output.has_news():
@@ -644,6 +689,7 @@ class Runner:
             running = Running(task, executor or next(iter(self.executors.values())), output,
                               kill_requested=stored.kill_requested)
             self.running[task.task_id] = running
+            self._output_wakeup.set()
             if stored.outcome is not None:
                 outcome = stored.outcome
                 self._spawn(self._finish(running, TaskState(outcome["state"]), outcome["exit_code"],

@@ -76,6 +76,28 @@ def test_peers_judge_only_after_listening_and_forget_the_silent():
     assert peers.online() == []
 
 
+def test_peers_hear_nothing_while_stopped_and_are_wanted_for_listen_for_windows():
+    now = [100.0]
+    peers = Peers("node1", offline_after=2.0, clock=lambda: now[0])
+    peers.stop()
+    assert not peers.wanted()
+    peers.heard(beat("node2"))  # a delivery that crossed the unbind
+    assert peers.online() == []
+    now[0] += 10.0
+    assert not peers.settled()
+    peers.want()
+    peers.restart()  # bound
+    peers.heard(beat("node2"))
+    now[0] += 4.0
+    assert peers.settled() and [p.name for p in peers.online()] == ["node2"]
+    now[0] += 3.9  # 4 windows of 2 s after the last want
+    assert peers.wanted()
+    now[0] += 0.2
+    assert not peers.wanted()
+    peers.stop()
+    assert not peers.settled() and peers.online() == []
+
+
 def test_the_host_says_why_a_pending_task_waits():
     nodes = {"node1": {"name": "node1", "online": True, "cores_free": 0, "memory_free": GIB,
                        "executors": ["process"]},
@@ -177,6 +199,16 @@ def test_a_pool_task_no_node_can_hold_is_rejected_and_blocks_nothing(small_clust
     task = c.wait_state(big, "rejected")
     assert "no online node" in task["message"], task["message"]
     assert ("64 cores" if "cores" in need else "500.0G") in task["message"], task["message"]
+
+
+def test_idle_runners_hear_no_heartbeats_and_listen_only_while_a_pool_task_asks(small_cluster):
+    """Issue 19: every runner hearing every other one is N² deliveries; idle, none is bound."""
+    c = small_cluster
+    assert c.heartbeat_listeners() == 0
+    big = publish(c, command="true", cores=64)
+    assert "no online node" in c.wait_state(big, "rejected")["message"]
+    assert c.heartbeat_listeners() >= 1  # the runner that judged it still listens (LISTEN_FOR)
+    wait_until(lambda: c.heartbeat_listeners() == 0, timeout=90, what="the runners to stop listening")
 
 
 def test_a_kill_wins_over_a_pool_task_no_node_can_hold(small_cluster):
