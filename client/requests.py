@@ -6,21 +6,21 @@ One immutable record per mode says which fields each mode has; nothing travels a
 dict. NamedTuples, not pydantic or dataclasses: the command line builds one on every
 invocation, and as frozen dataclasses these cost ~10 ms of a submit's start-up (making the
 classes, and importing dataclasses and inspect), as NamedTuples ~1 ms. The modes share two
-fields, ``config_file`` and ``as_json``, always last; lists and dicts have no default (a
-default would be one object shared by every request), :mod:`client.cli` gives them all.
+fields, ``config_file`` and ``as_json``, always last. A default is never a list or dict
+(it would be one object shared by every request): sequences default to ``()``, ``env`` has none.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 
 class SubmitRequest(NamedTuple):
     command: list[str]
-    targets: list[str]                    # NODE[:NUMA][::GPUS], already checked; empty: the pool
     env: dict[str, str]
-    mounts: list[str]                     # HOST:CONTAINER[:ro], already checked
-    after: list[int]                      # --after: held by the host until these completed
+    targets: Sequence[str] = ()           # NODE[:NUMA][::GPUS], already checked; none: the pool
+    mounts: Sequence[str] = ()            # HOST:CONTAINER[:ro], already checked
+    after: Sequence[int] = ()             # --after: held by the host until these completed
     gpus: int = 0                         # --gpus N (targets may name ids instead: NODE::0,1)
     container: str | None = None          # None: the config's default; "NULL": on the host
     cores: float = 0.0
