@@ -10,8 +10,8 @@ fields, ``config_file`` and ``as_json``, always last. A default is never a list 
 (it would be one object shared by every request): sequences default to ``()``, ``env`` has none.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: typing.NamedTuple would compile every field's
+# annotation string into a ForwardRef, half a millisecond more per start for these eight.
 from typing import NamedTuple, Sequence
 
 
