@@ -17,7 +17,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from client.exits import EXIT_OK, EXIT_PIPE_CLOSED, EXIT_USAGE
+from client.exits import EXIT_FAILED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_USAGE
 from client.options import BARE, UsageError, help_text, parse
 from hakuriver import bounds
 
@@ -42,8 +42,8 @@ def _write(fd: int, text: str) -> None:
 def fail(message: str, code: int) -> NoReturn:
     try:
         _write(2, f"hakuriver.client: {message}\n")
-    except BrokenPipeError:
-        pass  # nobody reads what we tell people; the exit code still says it
+    except OSError:
+        pass  # stderr closed: nobody reads what we tell people; the exit code still says it
     sys.exit(code)
 
 
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 _write(1, help_text())
             except BrokenPipeError:  # ``--help | head``: the reader has what it wanted
                 sys.exit(EXIT_PIPE_CLOSED)
+            except OSError as exc:   # no stdout at all (``>&-``)
+                fail(f"cannot write the help on stdout: {exc.strerror}", EXIT_FAILED)
             sys.exit(EXIT_OK)
         request = _validate(options)
     except UsageError as exc:
