@@ -94,7 +94,7 @@ def target_key(node: str, numa: int | None = None, gpus: tuple[int, ...] | list[
 
 class Topology(NamedTuple):
     """The names under one prefix. A NamedTuple, not a frozen dataclass: the command line
-    imports this module on every invocation, and dataclasses (with inspect) cost it ~5 ms."""
+    imports this module on every invocation, and dataclasses (with inspect) cost it a few ms."""
 
     prefix: str = "hakuriver"
     queue_type: str = "classic"   # [broker] queue_type: "quorum" replicates the durable queues
