@@ -95,7 +95,7 @@ GROUPS: list[tuple[str, list[Option]]] = [
         Option("--before", "before", VALUE, "ID", "Only tasks older than ID (the next page)."),
     ]),
     ("Other", [
-        Option("--json", "as_json", FLAG, "", "Machine-readable output (queries)."),
+        Option("--json", "as_json", FLAG, "", "Machine-readable output."),
         Option("--config", "config_file", VALUE, "FILE",
                "Config file (default: $HAKURIVER_CONFIG, then ~/.hakuriver/config.toml)."),
         Option("-h", "help", FLAG, "", "Show this message and exit."),
