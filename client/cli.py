@@ -1,9 +1,10 @@
 """``hakuriver.client``: submit, wait, query, kill, pause, resume.
 
-Only click is imported at start-up; the rest loads once the command line is known to be
-good, so ``--help`` and usage errors are fast (tests/test_cli_imports.py). The everyday
-commands then run on the light path (:mod:`client.quick`: no aio-pika, pydantic or
-asyncio); the others on the aio-pika API (:mod:`client.session`).
+Only :mod:`client.options` (the option table and its parser, standard library only) is
+imported at start-up; the rest loads once the command line is known to be good, so ``--help``
+and usage errors are fast (tests/test_cli_imports.py). The everyday commands then run on the
+light path (:mod:`client.quick`: no aio-pika, pydantic or asyncio); the others on the
+aio-pika API (:mod:`client.session`).
 Everything for a person goes to stderr; stdout carries only task ids (on submit) or
 the query's answer (a task's output included), so ``TASK=$(hakuriver.client --wait ...)``
 holds the id. The command line becomes one typed request (:mod:`client.requests`) that
@@ -12,32 +13,37 @@ holds the id. The command line becomes one typed request (:mod:`client.requests`
 
 from __future__ import annotations
 
-import re
+import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-import click
-
-from client.exits import EXIT_USAGE
+from client.exits import EXIT_FAILED, EXIT_OK, EXIT_PIPE_CLOSED, EXIT_USAGE
+from client.options import BARE, UsageError, help_text, parse
 from hakuriver import bounds
-from hakuriver.cli_options import config_option
 
-if TYPE_CHECKING:  # building dataclasses costs start-up time; --help needs none of them
+if TYPE_CHECKING:  # building the request classes costs start-up time; --help needs none of them
     from client.requests import Request, SubmitRequest
 
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# query option -> the name click gives its value
+__all__ = ["UsageError", "main"]
+
+# query option -> its dest in client.options
 QUERY_OPTIONS = {"status": "status_ids", "stdout": "stdout_id", "stderr": "stderr_id", "kill": "kill_id",
                  "pause": "pause_id", "resume": "resume_id",
                  "list_tasks": "list_tasks", "list_nodes": "list_nodes", "health": "health"}
 
 
-class UsageError(Exception):
-    """Bad input found before anything is sent; exit code 2."""
+def _write(fd: int, text: str) -> None:
+    """All of ``text`` on ``fd``, unbuffered: nothing is left to flush (and fail) at exit."""
+    data = text.encode()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"hakuriver.client: {message}", err=True)
+    try:
+        _write(2, f"hakuriver.client: {message}\n")
+    except OSError:
+        pass  # stderr closed: nobody reads what we tell people; the exit code still says it
     sys.exit(code)
 
 
@@ -47,59 +53,18 @@ def _task_id(text: str, option: str) -> int:
     return int(text)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False,
-                                 "max_content_width": 100})
-@click.option("--target", "targets", multiple=True, metavar="NODE[:NUMA][::GPUS]",
-              help="Node to run on (repeatable: one task per target); 'any' or none: the shared pool. "
-                   "NODE::0,1 takes exactly those GPUs.")
-@click.option("--gpus", metavar="N", help="Any N free GPUs (on the target node, or on a pool node that has them).")
-@click.option("--container", metavar="NAME", help="Container environment; NULL runs on the host. Default from config.")
-@click.option("--cores", metavar="N", help="Cores for the task (0 = no CPU limit).")
-@click.option("--memory", metavar="SIZE", help="Memory limit: 512M, 8G, 1.5G, 8GiB, 2T (binary units).")
-@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
-@click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER[:ro]", help="Extra mount (repeatable).")
-@click.option("--privileged", is_flag=True, help="Ask for a privileged container.")
-@click.option("--retries", metavar="N", help=f"Run a task that ends failed or lost again, up to N more times "
-                                             f"(0 to {bounds.MAX_RETRIES}; default 0).")
-@click.option("--retry-delay", metavar="SECONDS",
-              help=f"With --retries: wait this long before each new attempt (default {bounds.DEFAULT_RETRY_DELAY_S:g}).")
-@click.option("--after", "afters", multiple=True, metavar="ID[,ID...]",
-              help="Hold the task until every listed task completed (repeatable); if one ends otherwise, it never runs.")
-@click.option("--wait", is_flag=True, help="Wait for every task; exit with the outcome.")
-@click.option("--follow", is_flag=True, help="With --wait or --stdout/--stderr: stream output live.")
-@click.option("--sweep", is_flag=True, help="Expand span:{a..b} / span:[x,y] in the command: one task per combination.")
-@click.option("--timeout", type=float, metavar="SECONDS", help="With --wait: give up after this long (exit 3).")
-@click.option("--status", "status_ids", multiple=True, metavar="ID", help="Show a task's status (repeatable).")
-@click.option("--stdout", "stdout_id", metavar="ID", help="Print a task's stdout (on our stdout).")
-@click.option("--stderr", "stderr_id", metavar="ID", help="Print a task's stderr (on our stdout too).")
-@click.option("--attempt", metavar="K", help="With --stdout/--stderr: the output of attempt K of a retried task "
-                                            "(default: the last).")
-@click.option("--kill", "kill_id", metavar="ID", help="Kill a task (running, waiting, or not recorded yet).")
-@click.option("--pause", "pause_id", metavar="ID", help="Pause a running task's whole process tree (keeps its resources).")
-@click.option("--resume", "resume_id", metavar="ID", help="Resume a paused task.")
-@click.option("--list-tasks", is_flag=True, help="List tasks, newest first.")
-@click.option("--list-nodes", is_flag=True, help="List nodes with resources and health.")
-@click.option("--health", is_flag=False, flag_value="*", default=None, metavar="[NODE]",
-              help="Health of all nodes (or one) and of the host.")
-@click.option("--state", metavar="STATE", help="--list-tasks: only this state.")
-@click.option("--node", metavar="NODE", help="--list-tasks: only this node.")
-@click.option("--batch", metavar="BATCH", help="--list-tasks: only this batch.")
-@click.option("--user", metavar="NAME", help="--list-tasks: only tasks of this user (its broker user name).")
-@click.option("--mine", is_flag=True, help="--list-tasks: only my tasks (those of my broker user).")
-@click.option("--limit", metavar="N", help=f"--list-tasks: at most N (default 50, at most {bounds.MAX_LIST_LIMIT}).")
-@click.option("--before", metavar="ID", help="--list-tasks: only tasks older than ID (the next page).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@config_option
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def main(**options) -> None:
-    """Run COMMAND on a HakuRiver node, or query and control tasks.
-
-    \b
-      hakuriver.client --target node1 --cores 4 --memory 8G -- python train.py
-      TASK=$(hakuriver.client --wait --target node1 -- make test)
-      hakuriver.client --stdout $TASK
-    """
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run COMMAND on a HakuRiver node, or query and control tasks (``argv``: sys.argv[1:])."""
     try:
+        options = parse(sys.argv[1:] if argv is None else argv)
+        if options["help"]:
+            try:
+                _write(1, help_text())
+            except BrokenPipeError:  # ``--help | head``: the reader has what it wanted
+                sys.exit(EXIT_PIPE_CLOSED)
+            except OSError as exc:   # no stdout at all (``>&-``)
+                fail(f"cannot write the help on stdout: {exc.strerror}", EXIT_FAILED)
+            sys.exit(EXIT_OK)
         request = _validate(options)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -131,12 +96,14 @@ def _validate(o: dict) -> Request:
         raise UsageError("--attempt goes with --stdout or --stderr only")
     if list_filters and queries != ["list_tasks"]:
         raise UsageError(f"--{list_filters[0]} goes with --list-tasks only")
-    if o["timeout"] is not None and (o["timeout"] <= 0 or not o["wait"]):
+    if o["timeout"] is not None and (not o["timeout"] > 0 or not o["wait"]):  # also refuses nan
         raise UsageError(f"--timeout {o['timeout']:g} needs --wait and a value above 0")
     if o["follow"] and not (o["wait"] or o["stdout_id"] or o["stderr_id"]):
         raise UsageError("--follow goes with --wait or --stdout/--stderr")
     if o["wait"] and queries and queries != ["kill"]:
         raise UsageError(f"--wait does not go with --{queries[0].replace('_', '-')}")
+    if o["config_file"] and os.path.isdir(o["config_file"]):
+        raise UsageError(f"invalid --config {o['config_file']!r}: a directory, not a file")
     common = {"config_file": o["config_file"], "as_json": o["as_json"]}
     if queries:
         return _validate_query(queries[0], o, common)
@@ -165,7 +132,7 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
     if query in ("pause", "resume"):
         return PauseRequest(task_id=_task_id(o[f"{query}_id"], f"--{query}"), resume=query == "resume", **common)
     if query == "health":
-        return HealthRequest(node=None if o["health"] == "*" else o["health"], **common)
+        return HealthRequest(node=None if o["health"] == BARE else o["health"], **common)
     if query == "list_nodes":
         return ListNodesRequest(**common)
     from hakuriver.states import TaskState
@@ -219,7 +186,7 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
     env = {}
     for item in o["envs"]:
         key, sep, value = item.partition("=")
-        if not sep or not ENV_KEY.match(key):
+        if not sep or not (key.isascii() and key.isidentifier()):  # [A-Za-z_][A-Za-z0-9_]*, without re
             raise UsageError(f"invalid --env {item!r} (use KEY=VALUE with KEY a variable name)")
         env[key] = value
     for item in o["mounts"]:

@@ -1,6 +1,7 @@
-"""Command-line options that every HakuRiver command shares, defined once.
+"""Command-line options that the click commands (hakuriver.host, runner, docker) share, defined once.
 
-click only: the client's ``--help`` must stay fast, so nothing heavier is imported here.
+``hakuriver.client`` does not use click (its start-up would pay ~30 ms for it); its ``--config``
+is in :mod:`client.options`, with the same help text.
 """
 
 import click

@@ -7,12 +7,14 @@ in the same millisecond with the same counter value; a process that needs more
 than 1024 ids in one millisecond waits for the next one.
 """
 
-import random
+import os
 import threading
 import time
 
 EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
-_PROCESS_BITS = random.SystemRandom().getrandbits(12)
+# 12 bits from the OS's random source (as random.SystemRandom would draw them, without
+# importing random, hashlib and bisect into every command-line invocation)
+_PROCESS_BITS = int.from_bytes(os.urandom(2), "big") >> 4
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0

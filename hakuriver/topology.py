@@ -25,7 +25,6 @@ are part of the task, not of its routing key).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 POOL_KEY = "any"          # tasks exchange: the shared pool queue
@@ -93,8 +92,10 @@ def target_key(node: str, numa: int | None = None, gpus: tuple[int, ...] | list[
     return key if gpus is None else key + "::" + ",".join(map(str, gpus))
 
 
-@dataclass(frozen=True)
-class Topology:
+class Topology(NamedTuple):
+    """The names under one prefix. A NamedTuple, not a frozen dataclass: the command line
+    imports this module on every invocation, and dataclasses (with inspect) cost it a few ms."""
+
     prefix: str = "hakuriver"
     queue_type: str = "classic"   # [broker] queue_type: "quorum" replicates the durable queues
 

@@ -10,14 +10,17 @@ interpreter and reads ``sys.modules`` when it exits, so the answer is what reall
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-# Each costs tens of milliseconds to import (bench/README.md, "Finding where the time goes").
+# Each costs tens of milliseconds to import (bench/README.md, "Finding where the time goes");
+# click ~30 ms: hakuriver.client parses its options with client.options instead.
 HEAVY = ("pydantic", "pydantic_core", "aio_pika", "aiormq", "asyncio", "yarl", "hakuriver.messages",
-         "hakuriver.config", "client.api", "client.session")
+         "hakuriver.config", "client.api", "client.session", "click")
 
 PROBE = """
 import atexit, json, sys
@@ -56,4 +59,29 @@ def test_help_imports_nothing_heavy(argv):
 def test_usage_errors_import_nothing_heavy(argv):
     code, loaded, stderr = loaded_modules(*argv)
     assert code == 2, stderr
+    assert loaded == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["--bogus", "--", "true"],                        # an option nobody knows
+    ["--target"],                                     # a value missing
+    ["--wait", "--timeout", "soon", "--", "true"],    # not a number
+])
+def test_parser_errors_import_nothing_heavy(argv):
+    code, loaded, stderr = loaded_modules(*argv)
+    assert code == 2 and len(stderr.splitlines()) == 2, stderr  # the one line, and the probe's
+    assert loaded == []
+
+
+def test_a_submit_imports_nothing_heavy(tmp_path):
+    """The whole light submit path up to the broker (here one that cannot be reached: exit 3).
+    tests/test_quick.py runs submit, --wait and the queries against a real cluster with the same probe."""
+    with socket.socket() as closed:   # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = tmp_path / "config.toml"
+    config.write_text(f'[broker]\nurl = "amqp://guest:guest@127.0.0.1:{port}/"\n')
+    env = {**os.environ, "HAKURIVER_CONFIG": str(config)}
+    code, loaded, stderr = loaded_modules("--target", "node1", "--cores", "1", "--", "true", env=env)
+    assert code == 3 and "unreachable" in stderr, stderr
     assert loaded == []

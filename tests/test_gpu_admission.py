@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.cli import UsageError, _validate, main
+from client.cli import UsageError, _validate
+from client.options import parse
 from hakuriver.config import parse_gpu_setting
 from hakuriver.messages import Gpu, Task
 from runner.admission import Admission, Capacity, never_fits
@@ -104,8 +105,8 @@ def test_a_bad_gpus_setting_is_refused_by_name(text):
 
 
 def _options(**given):
-    """The options click would hand ``_validate`` for a command line giving only ``given``."""
-    options = dict(main.make_context("hakuriver.client", ["--", "true"]).params)
+    """The options the parser hands ``_validate`` for a command line giving only ``given``."""
+    options = parse(["--", "true"])
     options.update(given)
     return options
 
