@@ -16,7 +16,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from bench.harness import BIN, BROKER_URL, Cluster, Row, latency, p95, say, time_command
+from bench.harness import BIN, BROKER_URL, Cluster, Row, latency, median, p95, say, time_command
 from harness.local_cluster import wait_until_async
 
 LEDGER_TASKS = 100_000
@@ -145,7 +145,8 @@ def run(root: Path) -> list[Row]:
         listed = time_command([client, "--list-tasks"], cluster.env, LIST_RUNS)
         listed_json = time_command([client, "--list-tasks", "--json", "--limit", "1000"], cluster.env, 5)
         rows.append(Row(f"`--list-tasks` with {LEDGER_LABEL} tasks in the SQLite ledger (median / p95)", "—",
-                        latency(listed), "—", "p95 ≤ 200 ms", p95(listed) <= 0.200,
+                        latency(listed), "—", "p95 ≤ 150 ms; `--json --limit 1000` ≤ 300 ms",
+                        p95(listed) <= 0.150 and median(listed_json) <= 0.300,
                         note=f"whole CLI command, default limit 50; `--json --limit 1000`: {latency(listed_json)}; "
                              f"filling the ledger directly took {fill_s:.1f} s "
                              f"({LEDGER_TASKS / fill_s:,.0f} tasks/s through Ledger.ingest)"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from hakuriver import bounds
+from hakuriver.cli_options import CONFIG_HELP
 
 FLAG = "flag"              # --wait: True when given
 VALUE = "value"            # --cores N: the text (the last one if given twice)
@@ -96,8 +97,7 @@ GROUPS: list[tuple[str, list[Option]]] = [
     ]),
     ("Other", [
         Option("--json", "as_json", FLAG, "", "Machine-readable output."),
-        Option("--config", "config_file", VALUE, "FILE",
-               "Config file (default: $HAKURIVER_CONFIG, then ~/.hakuriver/config.toml)."),
+        Option("--config", "config_file", VALUE, "FILE", CONFIG_HELP),
         Option("-h", "help", FLAG, "", "Show this message and exit."),
         Option("--help", "help", FLAG, "", "Show this message and exit."),
     ]),

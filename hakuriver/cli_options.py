@@ -1,12 +1,17 @@
-"""Command-line options that the click commands (hakuriver.host, runner, docker) share, defined once.
+"""Command-line options that every HakuRiver command shares, defined once.
 
-``hakuriver.client`` does not use click (its start-up would pay ~30 ms for it); its ``--config``
-is in :mod:`client.options`, with the same help text.
+The click commands (hakuriver.host, runner, docker) take ``--config`` through :func:`config_option`.
+``hakuriver.client`` does not use click (its start-up would pay ~30 ms for it): its own option
+table (:mod:`client.options`) takes only :data:`CONFIG_HELP` from here, so this module imports
+click only when a click command asks for the option.
 """
-
-import click
 
 CONFIG_HELP = "Config file (default: $HAKURIVER_CONFIG, then ~/.hakuriver/config.toml)."
 
-config_option = click.option("--config", "config_file", metavar="FILE", type=click.Path(dir_okay=False),
-                             default=None, help=CONFIG_HELP)
+
+def config_option(command):
+    """``@config_option``: the ``--config FILE`` option of a click command."""
+    import click
+
+    return click.option("--config", "config_file", metavar="FILE", type=click.Path(dir_okay=False),
+                        default=None, help=CONFIG_HELP)(command)
