@@ -16,7 +16,6 @@ aio-pika path does. Only bad input pays for the import.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from client.errors import BadRequest
@@ -24,7 +23,13 @@ from hakuriver.bounds import (MAX_ARG_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_GPUS,
                               MAX_TASK_BYTES)
 
 VERSION = 1
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_env_name(key: str) -> bool:
+    """The model's ``EnvKey`` rule, ``[A-Za-z_][A-Za-z0-9_]*``, without ``re`` (an ASCII identifier is exactly that)."""
+    return key.isascii() and key.isidentifier()
+
+
 # The models' field order (hakuriver.messages.Task); pydantic writes fields in this order.
 TASK_FIELDS = ("v", "task_id", "batch_id", "command", "args", "env", "cores", "memory", "target", "numa", "gpus",
                "gpu_count", "container", "privileged", "mounts", "retries", "retry_delay", "attempt", "after", "user",
@@ -93,7 +98,7 @@ def _plainly_valid(t: dict[str, Any]) -> bool:
         return False
     if sum(map(_utf8_len, command_line)) > MAX_ARG_BYTES or sum(map(_utf8_len, env_texts)) > MAX_ENV_BYTES:
         return False
-    if not all(ENV_KEY.match(key) for key in t["env"]):
+    if not all(map(is_env_name, t["env"])):
         return False
     if not (_plain_float(t["cores"]) and 0 <= t["cores"] <= MAX_CORES and _plain_float(t["submitted_at"])):
         return False

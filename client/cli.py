@@ -155,6 +155,7 @@ def _validate_query(query: str, o: dict, common: dict) -> Request:
 
 
 def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest:
+    from client.bodies import is_env_name
     from client.requests import SubmitRequest
     from hakuriver.mounts import parse_mount
     from hakuriver.sizes import parse_size
@@ -186,7 +187,7 @@ def _validate_submit(command: list[str], o: dict, common: dict) -> SubmitRequest
     env = {}
     for item in o["envs"]:
         key, sep, value = item.partition("=")
-        if not sep or not (key.isascii() and key.isidentifier()):  # [A-Za-z_][A-Za-z0-9_]*, without re
+        if not sep or not is_env_name(key):
             raise UsageError(f"invalid --env {item!r} (use KEY=VALUE with KEY a variable name)")
         env[key] = value
     for item in o["mounts"]:
