@@ -23,7 +23,7 @@ from client.bodies import encode_rpc_request
 from client.errors import BadRequest, NotYours
 from client.light_config import ClientSettings
 from hakuriver import identity
-from hakuriver.broker_address import unreachable_message
+from hakuriver.broker_address import split_urls, unreachable_message
 from hakuriver.states import TaskState
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Broker:
     and a side channel for passive declares (a missing queue closes the channel it was asked on)."""
 
     def __init__(self, settings: ClientSettings, ssl_context: ssl.SSLContext | None):
-        self.urls = [url.strip() for url in settings.broker_url.split(",")]
+        self.urls = split_urls(settings.broker_url)
         self.prefix = settings.prefix
         self.ssl_context = ssl_context
         self.user = identity.broker_user(settings.broker_url)   # every message's user_id

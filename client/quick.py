@@ -33,6 +33,7 @@ from client.requests import (KillRequest, ListNodesRequest, ListTasksRequest, Re
                              SubmitRequest)
 from hakuriver import identity, ids
 from hakuriver.bounds import DEFAULT_RETRY_DELAY_S
+from hakuriver.broker_address import split_urls
 from hakuriver.mounts import parse_mount
 from hakuriver.states import TaskState
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, parse_target, target_key
@@ -83,7 +84,7 @@ def _settings(config_file: str | None) -> ClientSettings:
     decides (its refusal, naming the key and the file, becomes :class:`ConfigRefused`)."""
     try:
         settings = read_settings(config_file)
-        for url in settings.broker_url.split(","):
+        for url in split_urls(settings.broker_url):
             if wire.parse_url(url).tls:
                 raise NotPlain("TLS: hakuriver.tls reads [broker] ca_file/cert_file/key_file")
         return settings

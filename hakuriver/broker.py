@@ -16,7 +16,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from hakuriver import broker_address
-from hakuriver.connection import connect_any, split_urls
+from hakuriver.broker_address import split_urls
+from hakuriver.connection import connect_any
 from hakuriver.tls import describe_failure
 from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 

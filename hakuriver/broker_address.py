@@ -1,14 +1,27 @@
-"""How a broker address is said to a person: without its password, and why it did not answer.
+"""Broker addresses: ``[broker] url`` read into its addresses, and said to a person without
+a password, with why it did not answer.
 
 Why it exists: both connection paths (aio-pika's in :mod:`hakuriver.connection` and the
-client's light one in :mod:`client.wire`) name the addresses they could not reach, and must
-never print a password while doing so. Standard library only, so the light command-line
+client's light one in :mod:`client.wire`) read the same comma-separated list by the same
+rule, name the addresses they could not reach, and must never print a password while doing so. Standard library only, so the light command-line
 path can use it without loading yarl or aio-pika.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
+
+
+def split_urls(text: str) -> list[str]:
+    """``[broker] url``: one URL, or several separated by commas; ValueError naming a bad one."""
+    urls = [part.strip() for part in text.split(",")]
+    for url in urls:
+        if not url:
+            raise ValueError(f"empty broker address in {redact(text)!r}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(f"not an amqp:// or amqps:// URL: {redact(url)!r}")
+    return urls
 
 
 def redact(url: str) -> str:

@@ -56,7 +56,7 @@ class BrokerConfig(_Section):
     @field_validator("url")
     @classmethod
     def _urls_are_amqp(cls, value: str) -> str:
-        from hakuriver.connection import split_urls
+        from hakuriver.broker_address import split_urls
 
         split_urls(value)
         return value

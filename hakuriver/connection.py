@@ -43,17 +43,6 @@ def check_supported() -> None:
 check_supported()
 
 
-def split_urls(text: str) -> list[str]:
-    """``[broker] url``: one URL, or several separated by commas; ValueError naming a bad one."""
-    urls = [part.strip() for part in text.split(",")]
-    for url in urls:
-        if not url:
-            raise ValueError(f"empty broker address in {text!r}")
-        if URL(url).scheme not in ("amqp", "amqps") or not URL(url).host:
-            raise ValueError(f"not an amqp:// or amqps:// URL: {redact(url)!r}")
-    return urls
-
-
 def attempt_order(start: int, count: int) -> list[int]:
     """The addresses to try, by index: ``start`` first, then the ones after it, wrapping."""
     return [(start + i) % count for i in range(count)]

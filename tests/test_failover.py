@@ -20,7 +20,8 @@ from broker_cluster import broker_cluster  # noqa: F401  (the session fixture)
 from harness.local_cluster import BIN, BROKER_URL, Cluster, delete_prefix, wait_until
 from hakuriver import broker
 from hakuriver.config import ConfigError, load_config
-from hakuriver.connection import attempt_order, split_urls
+from hakuriver.broker_address import split_urls
+from hakuriver.connection import attempt_order
 
 TIMING = {"heartbeat_interval": 0.5, "heartbeat_timeout_factor": 6, "kill_grace": 2.0}
 

@@ -24,7 +24,7 @@ import aio_pika
 from yarl import URL
 
 from hakuriver import broker, identity
-from hakuriver.connection import split_urls
+from hakuriver.broker_address import split_urls
 from hakuriver.tls import client_ssl_context, describe_failure
 
 if TYPE_CHECKING:
