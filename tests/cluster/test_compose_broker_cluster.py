@@ -30,8 +30,9 @@ BROKER_NODES = {f"rabbit@{service}" for service in BROKER_SERVICES}  # a node is
 
 
 def unless_unreachable(query: Callable[[], T]) -> T | None:
-    """The answer of a rabbitmqctl query, or None while the CLI cannot reach the node (after a
-    kill the survivors are busy electing new queue leaders and may not answer at once)."""
+    """The answer of a rabbitmqctl query, or None while the CLI cannot get one: a node that has
+    just started, or one that still counts the killed node as running (seen for a minute and
+    more after a ``docker kill``: the CLI's distribution handshake with it then fails)."""
     try:
         return query()
     except ClusterError:
@@ -74,16 +75,17 @@ def test_runners_broker_node_killed_with_tasks_in_flight(compose_broker_cluster)
         assert all(ids), f"the client printed {sum(map(bool, ids))} ids: {client.stderr.read()[-2000:]}"
         wait_for("10 tasks to have run", lambda: ran.exists() and len(ran.read_text().split()) >= 10,
                  timeout=120, interval=0.2)
-        killed_at = time.monotonic()
         ran_before = len(ran.read_text().split())
+        killed_at = time.time()
         cluster.kill(victim)
         _, err = client.communicate(timeout=240)
     finally:
         if client.poll() is None:
             client.kill()
     assert client.returncode == 0, err[-2000:]
-    print(f"\nkilled {victim} after {ran_before} of {TASKS} tasks had run; the --wait client returned "
-          f"{time.monotonic() - killed_at:.0f} s later")
+    print(f"\nkilled {victim} after {ran_before} of {TASKS} tasks had run; the last task started "
+          f"{ran.stat().st_mtime - killed_at:.0f} s and the --wait client returned {time.time() - killed_at:.0f} s "
+          f"after the kill")
 
     runs = Counter(ran.read_text().split())
     duplicates = sorted(task_id for task_id, n in runs.items() if n > 1)
@@ -92,13 +94,11 @@ def test_runners_broker_node_killed_with_tasks_in_flight(compose_broker_cluster)
         f"ran twice: {duplicates}; never ran: {missing}; unknown: {sorted(set(runs) - set(ids))}"
     assert ledger_states(cluster, ids) == {"completed": TASKS}
 
-    # The runners went on with a live node; the killed one restarts and rejoins.
-    def runners_on_survivors() -> bool:
-        nodes = unless_unreachable(lambda: cluster.broker_nodes_of("hakuriver.runner", ask=survivor))
-        return bool(nodes) and victim not in nodes
-    wait_for("the runners on a live node", runners_on_survivors, timeout=60, interval=1)
+    # The killed node restarts and rejoins; the runners went on with another node and stay there.
     cluster.start(victim)
     wait_for(f"{victim} to be healthy", lambda: cluster.health(victim) == "healthy", timeout=120, interval=1)
     wait_for(f"{victim} to rejoin: 3 running nodes",
              lambda: unless_unreachable(lambda: cluster.running_broker_nodes(victim)) == BROKER_NODES,
              timeout=60, interval=1)
+    runner_nodes = cluster.broker_nodes_of("hakuriver.runner", ask=survivor)
+    assert runner_nodes and victim not in runner_nodes, runner_nodes
