@@ -7,7 +7,7 @@ three addresses. tests/test_failover.py shows the same with private nodes on one
 reader of docs/operations.md would try it, and ``docker kill`` as the crash.
 
 Marked ``broker_cluster``, so neither the unit run nor the ``cluster`` run starts it (six
-containers, about three minutes on 2 cores): ``.ci/test -m broker_cluster tests/cluster/test_compose_broker_cluster.py``.
+containers, 2 to 5 minutes on 2 shared cores): ``.ci/test -m broker_cluster tests/cluster/test_compose_broker_cluster.py``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ BROKER_NODES = {f"rabbit@{service}" for service in BROKER_SERVICES}  # a node is
 
 
 def unless_unreachable(query: Callable[[], T]) -> T | None:
-    """The answer of a rabbitmqctl query, or None while the CLI cannot get one: a node that has
-    just started, or one that still counts the killed node as running (seen for a minute and
-    more after a ``docker kill``: the CLI's distribution handshake with it then fails)."""
+    """The answer of a rabbitmqctl query, or None while the CLI cannot get one: from a node that
+    has just started, or from a survivor still trying to reach the killed node (seen: the CLI's
+    distribution handshake failed)."""
     try:
         return query()
     except ClusterError:
