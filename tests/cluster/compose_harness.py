@@ -4,11 +4,13 @@ Everything goes through the real tools a person would use: ``deploy/build-images
 ``docker compose`` (or Debian's ``docker-compose`` v1), ``docker network`` and
 ``hakuriver.client`` run inside the ``host`` container. The cluster is a compose project of
 its own (a unique name, its own network, volumes and shared folder), so its broker and
-nodes never meet anything else on the machine.
+nodes never meet anything else on the machine. ``BROKER_CLUSTER`` is the variant with three
+RabbitMQ nodes (docker-compose.broker-cluster.yml on top of docker-compose.yml).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -16,14 +18,26 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from harness.local_cluster import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICES = ("rabbitmq", "host", "runner1", "runner2")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which compose files make the cluster, and the services that must be healthy."""
+    files: tuple[str, ...]
+    services: tuple[str, ...]
+
+
+SINGLE_BROKER = Variant(("docker-compose.yml",), ("rabbitmq", "host", "runner1", "runner2"))
+BROKER_CLUSTER = Variant(("docker-compose.yml", "docker-compose.broker-cluster.yml"),
+                         ("rabbitmq", "rabbitmq2", "rabbitmq3", "host", "runner1", "runner2"))
 
 
 class ClusterError(AssertionError):
@@ -61,12 +75,23 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval:
         raise ClusterError(str(exc)) from None
 
 
-class ComposeCluster:
-    """One compose project of the repository's docker-compose.yml."""
+def erlang_address(term: list[int]) -> str:
+    """An address as rabbitmqctl's JSON gives it, the Erlang tuple: 4 bytes, or 8 16-bit words
+    (a listener on all interfaces sees IPv4 clients as IPv4-mapped IPv6: ``::ffff:172.20.0.2``)."""
+    if len(term) == 4:
+        return ".".join(map(str, term))
+    address = ipaddress.IPv6Address(b"".join(word.to_bytes(2, "big") for word in term))
+    return str(address.ipv4_mapped or address)
 
-    def __init__(self, images: dict[str, str], workdir: Path) -> None:
+
+class ComposeCluster:
+    """One compose project of the repository's docker-compose.yml (and overrides: ``variant``)."""
+
+    def __init__(self, images: dict[str, str], workdir: Path, variant: Variant = SINGLE_BROKER) -> None:
         self.project = f"hkcluster{uuid.uuid4().hex[:8]}"
+        self.variant = variant
         self.compose = compose_command()
+        self._containers: dict[str, str] = {}
         # The shared folder is bound at its own path into every container (see the
         # compose file), so this test can put scripts there and read results back.
         self.dir = workdir
@@ -78,9 +103,14 @@ class ComposeCluster:
                 del self.env[name]
 
     # -- compose ---------------------------------------------------------------------
+    def command(self, *args: str) -> list[str]:
+        """The compose command line for this project and its files."""
+        files = [arg for name in self.variant.files for arg in ("-f", str(REPO / name))]
+        return [*self.compose, "-p", self.project, *files, *args]
+
     def run(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([*self.compose, "-p", self.project, "-f", str(REPO / "docker-compose.yml"), *args],
-                              capture_output=True, text=True, timeout=timeout, env=self.env, cwd=REPO)
+        done = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout, env=self.env,
+                              cwd=REPO)
         if check and done.returncode != 0:
             raise ClusterError(f"compose {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return done
@@ -88,7 +118,7 @@ class ComposeCluster:
     def up(self) -> None:
         self.shared.mkdir(parents=True, exist_ok=True)
         self.run("up", "-d", "--no-build", timeout=300)
-        for service in SERVICES:
+        for service in self.variant.services:
             wait_for(f"{service} to be healthy", lambda s=service: self.health(s) == "healthy", timeout=120)
 
     def down(self) -> None:
@@ -98,10 +128,14 @@ class ComposeCluster:
         return self.run("logs", "--no-color", "--tail", "80", check=False).stdout
 
     def container(self, service: str) -> str:
-        container_id = self.run("ps", "-q", service).stdout.strip()
-        if not container_id:
-            raise ClusterError(f"no container for service {service}")
-        return container_id
+        # Asked once per service: a container keeps its id across kill and start, and each
+        # compose call costs a second or two of CPU (health is polled every half second).
+        if service not in self._containers:
+            container_id = self.run("ps", "-q", service).stdout.strip()
+            if not container_id:
+                raise ClusterError(f"no container for service {service}")
+            self._containers[service] = container_id
+        return self._containers[service]
 
     def health(self, service: str) -> str:
         inspected = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{if .State.Health}}"
@@ -129,9 +163,49 @@ class ComposeCluster:
         subprocess.run(["docker", "network", "connect", "--alias", service, self.network, self.container(service)],
                        check=True)
 
+    # -- the broker nodes (the BROKER_CLUSTER variant) -----------------------------------
+    def rabbitmqctl(self, service: str, *args: str) -> list | dict:
+        """``rabbitmqctl ARGS --formatter json`` in the node ``service``; its answer."""
+        done = subprocess.run(["docker", "exec", self.container(service), "rabbitmqctl", *args, "--formatter", "json"],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise ClusterError(f"rabbitmqctl {' '.join(args)} on {service} failed ({done.returncode}): "
+                               f"{(done.stderr or done.stdout)[-1000:]}")
+        return json.loads(done.stdout)
+
+    def running_broker_nodes(self, service: str) -> set[str]:
+        """The cluster's running nodes as ``service`` sees them (``rabbit@rabbitmq2``, ...)."""
+        return set(self.rabbitmqctl(service, "cluster_status")["running_nodes"])
+
+    def address(self, service: str) -> str:
+        """The container's address on the cluster's network."""
+        inspected = subprocess.run(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                                    self.container(service)], capture_output=True, text=True, check=True)
+        return inspected.stdout.strip()
+
+    def broker_nodes_of(self, connection_name: str, ask: str = "rabbitmq") -> set[str]:
+        """The broker services that connections whose name starts with ``connection_name``
+        are on, asked of node ``ask``: a connection's ``host`` is the address it reached."""
+        services = {self.address(node): node for node in self.variant.services if node.startswith("rabbitmq")}
+        nodes = set()
+        for connection in self.rabbitmqctl(ask, "list_connections", "host", "client_properties"):
+            # The JSON formatter gives the AMQP table as [name, type, value] triples.
+            properties = {entry[0]: entry[2] for entry in connection["client_properties"]}
+            if properties.get("connection_name", "").startswith(connection_name):
+                reached = erlang_address(connection["host"])
+                if reached not in services:
+                    raise ClusterError(f"a connection to {reached}, no broker node's address: {services}")
+                nodes.add(services[reached])
+        return nodes
+
     # -- hakuriver.client inside the host container ---------------------------------------
     def exec(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return self.run("exec", "-T", "host", *argv, timeout=timeout, check=False)
+
+    def client_process(self, *args: str) -> subprocess.Popen:
+        """``hakuriver.client ARGS`` in the host container, left running (stdout, stderr: pipes)."""
+        return subprocess.Popen(self.command("exec", "-T", "host", "hakuriver.client", *args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=REPO)
 
     def client(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return self.exec("hakuriver.client", *args, timeout=timeout)
