@@ -101,6 +101,7 @@ class Host:
         self._connection = None
         self._rpc_channel: AbstractChannel | None = None
         self._exchanges: broker.Exchanges | None = None
+        self._publish_channel: AbstractChannel | None = None  # the outbox's, with publisher confirms
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._loops: list[asyncio.Task] = []
         self._requests: set[asyncio.Task] = set()
@@ -126,7 +127,7 @@ class Host:
         self._connected = True
         self._connection.close_callbacks.add(self._on_disconnect)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
-        publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._publish_channel = publish_channel = await self._connection.channel(publisher_confirms=True)
         self._exchanges = await broker.declare_exchanges(publish_channel, self.topo)
 
         ledger_channel = await self._connection.channel()
@@ -178,8 +179,7 @@ class Host:
 
     async def _publish_event(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
         """The outbox's publisher: state events, and the tasks pipelines release (tasks exchange)."""
-        target = self._exchanges.tasks if exchange == self.topo.tasks else self._exchanges.events
-        await target.publish(broker.persistent(body, headers, user_id=self.user), routing_key=key, mandatory=False)
+        await broker.publish_persistent(self._publish_channel, exchange, key, body, headers, self.user)
 
     async def _connect(self, retry: bool):
         delay = 1.0
