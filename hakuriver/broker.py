@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from hakuriver import broker_address
 from hakuriver.connection import connect_any, split_urls
+from hakuriver.deliveries import Delivery
 from hakuriver.tls import describe_failure
 from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 
@@ -127,8 +128,10 @@ async def publish_persistent(channel: AbstractChannel, exchange: str, routing_ke
                                  mandatory=False)
 
 
-async def dead_letter(exchanges: Exchanges, message: AbstractIncomingMessage, reason: str, source: str) -> None:
-    """Move ``message`` to the dead-letter queue with ``reason``, then ack it.
+async def dead_letter(exchanges: Exchanges, message: AbstractIncomingMessage | Delivery, reason: str,
+                      source: str) -> None:
+    """Move ``message`` (aio-pika's, or a :class:`~hakuriver.deliveries.Delivery`) to the
+    dead-letter queue with ``reason``, then ack it.
 
     The consumer goes on with its next message; a bad message never stops it.
     """
