@@ -78,10 +78,11 @@ async def _across_a_reconnect(name: str) -> None:
             await consumer.start()
             await broker.publish_persistent(publish, exchange.name, "task.1.state", b"before", None, USER)
             (unacked,) = await inbox.take(1)
-            reopened = asyncio.Event()
-            consume.reopen_callbacks.add(lambda *_: reopened.set())  # added after the consumer's: runs after it
+            reopened = {publish: asyncio.Event(), consume: asyncio.Event()}
+            for channel, event in reopened.items():  # added after the consumer's: runs after it
+                channel.reopen_callbacks.add(lambda *_, event=event: event.set())
             await (await consume.get_underlay_channel()).connection.close()  # as a broker restart would
-            await asyncio.wait_for(reopened.wait(), 30)
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in reopened.values())), 30)
             with pytest.raises(Exception):  # its channel is gone: the broker gives it again
                 await unacked.ack()
             await broker.publish_persistent(publish, exchange.name, "task.1.state", b"after", None, USER)
