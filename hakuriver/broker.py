@@ -14,8 +14,8 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aiormq import spec
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aiormq import spec
 
 from hakuriver import broker_address
 from hakuriver.connection import connect_any, split_urls

@@ -35,9 +35,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from hakuriver import broker, identity
-from hakuriver.deliveries import Consumer, Delivery
 from hakuriver.cli_options import config_option
 from hakuriver.config import Config, ConfigError, load_config
+from hakuriver.deliveries import Consumer, Delivery
 from hakuriver.host.ingest import Ingested, Malformed, parse_event
 from hakuriver.host.ledger import Ledger
 from hakuriver.host.pipelines import Pipelines
