@@ -38,7 +38,7 @@ from hakuriver import broker, identity
 from hakuriver.cli_options import config_option
 from hakuriver.config import Config, ConfigError, load_config
 from hakuriver.deliveries import Consumer, Delivery
-from hakuriver.host.ingest import Ingested, Malformed, parse_event
+from hakuriver.host.ingest import Ingested, Malformed, ends_a_task, parse_event
 from hakuriver.host.ledger import Ledger
 from hakuriver.host.pipelines import Pipelines
 from hakuriver.host.queries import LedgerChanges, Queries
@@ -70,11 +70,12 @@ def may_judge_silence(connected: bool, since_start: float, offline_after: float,
     return connected and since_start >= offline_after and not behind
 
 
-def batch_gap(since_last_batch: float) -> float:
+def batch_gap(since_last_batch: float, ends_a_task: bool) -> float:
     """How long a silence closes a batch that starts ``since_last_batch`` seconds after the
-    last one closed: BATCH_GAP after a quiet spell; while the fabric is busy (the last batch
-    closed within BATCH_WINDOW) none shorter than the window (see ``Host._collect_batch``)."""
-    return BATCH_WINDOW if since_last_batch < BATCH_WINDOW else BATCH_GAP
+    last one closed: BATCH_GAP after a quiet spell, or once the batch holds an event that
+    ends a task; otherwise, while the fabric is busy (the last batch closed within
+    BATCH_WINDOW), none shorter than the window (see ``Host._collect_batch``)."""
+    return BATCH_WINDOW if since_last_batch < BATCH_WINDOW and not ends_a_task else BATCH_GAP
 
 
 def _take_waiting(inbox: asyncio.Queue, batch: list, limit: int) -> None:
@@ -261,19 +262,26 @@ class Host:
         message, and a batch's fixed cost (a transaction, a thread hop, an ack: about 1.5 ms
         of CPU) was paid per event: 6 of the 18 CPU-ms a ``true`` task cost the whole
         machine in the 1,000-task benchmark. No event waits longer than before (at most
-        BATCH_WINDOW); a lone event after a quiet spell is still stored after one gap."""
+        BATCH_WINDOW); a lone event after a quiet spell is still stored after one gap, and
+        so is a batch that holds the end of a task (:func:`~hakuriver.host.ingest.ends_a_task`):
+        a client that saw the end may ask the ledger for the task's output at once, and the
+        runner sends the output before the end, so it is in this batch or an earlier one."""
         batch = [await self._inbox.get()]
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + BATCH_WINDOW
-        gap = batch_gap(now - self._last_batch_at)
+        since_last = now - self._last_batch_at
+        looked, ending = 0, False
         try:
             while True:
                 _take_waiting(self._inbox, batch, BATCH_MAX)
                 remaining = deadline - loop.time()
                 if len(batch) >= BATCH_MAX or remaining <= 0:
                     return batch
-                await asyncio.sleep(min(gap, remaining))
+                if since_last < BATCH_WINDOW and not ending:  # only a busy batch's gap depends on it
+                    ending = any(ends_a_task(m.routing_key, m.body) for m in batch[looked:])
+                    looked = len(batch)
+                await asyncio.sleep(min(batch_gap(since_last, ending), remaining))
                 if self._inbox.empty():  # nothing came during the gap
                     return batch
         finally:
