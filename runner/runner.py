@@ -128,8 +128,6 @@ class Runner:
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self.exchanges = await broker.declare_exchanges(self._publish_channel, self.topo)
         await broker.declare_ledger_queue(self._publish_channel, self.topo, self.exchanges)
-        self._by_name = {ex.name: ex for ex in (self.exchanges.tasks, self.exchanges.control,
-                                                 self.exchanges.events, self.exchanges.dead)}
         await self._publish_node_info()
         await self._recover()
         self._spawn(self.store.outbox.drain_forever(self._publish_raw))
@@ -203,8 +201,7 @@ class Runner:
             broker.persistent(info.to_bytes()), routing_key=queue_name, mandatory=False)
 
     async def _publish_raw(self, exchange: str, key: str, body: bytes, headers: dict | None) -> None:
-        await self._by_name[exchange].publish(broker.persistent(body, headers, user_id=self.user), routing_key=key,
-                                              mandatory=False)
+        await broker.publish_persistent(self._publish_channel, exchange, key, body, headers, self.user)
 
     # ---- taking tasks -----------------------------------------------------------------
 
@@ -646,8 +643,7 @@ class Runner:
         return lambda stream, offset: self.store.set_sent(task_id, stream, offset)
 
     async def _publish_chunk(self, key: str, body: bytes, headers: dict) -> None:
-        await self.exchanges.events.publish(broker.persistent(body, headers, user_id=self.user), routing_key=key,
-                                            mandatory=False)
+        await broker.publish_persistent(self._publish_channel, self.topo.events, key, body, headers, self.user)
 
     async def _output_loop(self) -> None:
         while True:

@@ -12,6 +12,7 @@ sorts a list of anything by type. The service parses a whole batch into one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,20 @@ def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, f
         raise
     except ValueError as exc:  # an unknown key; pydantic's ValidationError is one too
         raise Malformed(one_line(exc)) from None
+
+
+def ends_a_task(routing_key: str, body: bytes) -> bool:
+    """Whether this ledger-queue message is a state event that ends its task (a terminal
+    state), by a quick look at its JSON; False for anything else, also for what does not
+    parse (:func:`parse_event` judges it). The host stores a batch holding one soon after it
+    came (``Host._collect_batch``): whoever waited for that end may read the ledger next."""
+    if not routing_key.endswith(".state"):
+        return False
+    try:
+        state = json.loads(body).get("state")
+        return TaskState(state).terminal
+    except (ValueError, AttributeError, TypeError):  # bad JSON, not an object, no such state
+        return False
 
 
 def _check_state_event(event: StateEvent, key_task_id: int) -> None:
