@@ -85,6 +85,9 @@ def test_a_list_page_stops_at_its_byte_bound():
 def test_stdout_of_a_pruned_output_file_is_a_clear_error(edge_cluster, damage):
     c = edge_cluster
     task_id = c.cli_ok("--wait", "--target", "node2", "--", "sh", "-c", "seq 1 20000").strip()
+    # --wait returns on the end event, which the host may still be ingesting with the last output;
+    # --stdout --follow reads until the ledger has the task's end, so after it the stored file is whole
+    assert c.cli_ok("--stdout", task_id, "--follow").split() == [str(n) for n in range(1, 20001)]
     stored = Path(load_config(str(c.config)).paths.state_dir) / "logs" / f"{task_id}.stdout"
     assert stored.stat().st_size > 1000
     if damage == "missing":
