@@ -20,7 +20,6 @@ from aiormq import spec
 from hakuriver import broker_address
 from hakuriver.broker_address import split_urls
 from hakuriver.connection import connect_any
-from hakuriver.deliveries import Delivery
 from hakuriver.tls import describe_failure
 from hakuriver.topology import NODE_EVENTS, POOL_KEY, TASK_EVENTS, Topology
 
@@ -129,10 +128,8 @@ async def publish_persistent(channel: AbstractChannel, exchange: str, routing_ke
                                  mandatory=False)
 
 
-async def dead_letter(exchanges: Exchanges, message: AbstractIncomingMessage | Delivery, reason: str,
-                      source: str) -> None:
-    """Move ``message`` (aio-pika's, or a :class:`~hakuriver.deliveries.Delivery`) to the
-    dead-letter queue with ``reason``, then ack it.
+async def dead_letter(exchanges: Exchanges, message: AbstractIncomingMessage, reason: str, source: str) -> None:
+    """Move ``message`` to the dead-letter queue with ``reason``, then ack it.
 
     The consumer goes on with its next message; a bad message never stops it.
     """

@@ -37,7 +37,6 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from hakuriver import broker, identity
 from hakuriver.cli_options import config_option
 from hakuriver.config import Config, ConfigError, load_config
-from hakuriver.deliveries import Consumer, Delivery
 from hakuriver.host.ingest import Ingested, Malformed, ends_a_task, parse_event
 from hakuriver.host.ledger import Ledger
 from hakuriver.host.pipelines import Pipelines
@@ -106,12 +105,12 @@ class Host:
         # whose events are believed (hakuriver.identity): the runners' and this host's broker users
         self.user = identity.broker_user(config.broker.url)
         self.services = identity.service_accounts(config.broker.url, config.security.service_accounts)
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._connection = None
         self._rpc_channel: AbstractChannel | None = None
         self._exchanges: broker.Exchanges | None = None
         self._publish_channel: AbstractChannel | None = None  # the outbox's, with publisher confirms
-        self._consumers: list[tuple[AbstractQueue | Consumer, str]] = []
+        self._consumers: list[tuple[AbstractQueue, str]] = []
         self._loops: list[asyncio.Task] = []
         self._requests: set[asyncio.Task] = set()
         self._started_at = 0.0        # start, or last reconnect: offline checks wait a window after it
@@ -153,9 +152,7 @@ class Host:
         self._loops = [asyncio.create_task(self._ingest_forever(), name="host-ingest"),
                        asyncio.create_task(self._watch_nodes_forever(), name="host-offline"),
                        asyncio.create_task(self._outbox.drain_forever(self._publish_event), name="host-outbox")]
-        # the ledger queue's deliveries as aiormq reads them (hakuriver/deliveries.py: no aio-pika message each)
-        ledger_consumer = Consumer(ledger_channel, ledger_queue.name, self._on_ledger_message)
-        self._consumers = [(ledger_consumer, await ledger_consumer.start()),
+        self._consumers = [(ledger_queue, await ledger_queue.consume(self._on_ledger_message)),
                            (rpc_queue, await rpc_queue.consume(self._on_rpc_request))]
         held_channel = await self._connection.channel()
         await held_channel.set_qos(prefetch_count=RPC_PREFETCH)
@@ -231,7 +228,7 @@ class Host:
 
     # -- ingestion -------------------------------------------------------------------
 
-    async def _on_ledger_message(self, message: Delivery) -> None:
+    async def _on_ledger_message(self, message: AbstractIncomingMessage) -> None:
         self._inbox.put_nowait(message)
 
     async def _ingest_forever(self) -> None:
@@ -247,7 +244,7 @@ class Host:
             finally:
                 self._ingesting = False
 
-    async def _collect_batch(self) -> list[Delivery]:
+    async def _collect_batch(self) -> list[AbstractIncomingMessage]:
         """At least one message; then more until none arrives for BATCH_GAP, or BATCH_MAX,
         or BATCH_WINDOW. (Deliveries reach the inbox a few dozen per loop turn, so
         "nothing waiting right now" alone would close batches far too small.)
@@ -287,8 +284,8 @@ class Host:
         finally:
             self._last_batch_at = loop.time()
 
-    async def _ingest(self, batch: list[Delivery]) -> None:
-        usable: list[Delivery] = []
+    async def _ingest(self, batch: list[AbstractIncomingMessage]) -> None:
+        usable: list[AbstractIncomingMessage] = []
         ingested = Ingested()
         for message in batch:
             try:
@@ -309,7 +306,7 @@ class Host:
             return
         await self._settle(usable[-1])
 
-    def _parse(self, message: Delivery, into: Ingested | None = None) -> Ingested:
+    def _parse(self, message: AbstractIncomingMessage, into: Ingested | None = None) -> Ingested:
         from_tasks = message.exchange == self.topo.tasks
         if not from_tasks and message.user_id not in self.services:
             raise Malformed(f"event from {message.user_id or identity.NO_USER!r}, which is no service account "
@@ -318,13 +315,13 @@ class Host:
                            from_tasks=from_tasks, into=into,
                            owner=identity.task_owner(message.user_id, message.headers, self.services))
 
-    async def _requeue_and_pause(self, last: Delivery, count: int, exc: Exception) -> None:
+    async def _requeue_and_pause(self, last: AbstractIncomingMessage, count: int, exc: Exception) -> None:
         # The database or disk is unavailable: hand everything back and slow down.
         log.error("ledger unavailable, requeueing %d messages: %s", count, one_line(exc))
         await self._settle(last, requeue=True)
         await asyncio.sleep(1.0)
 
-    async def _store_one_by_one(self, usable: list[Delivery]) -> None:
+    async def _store_one_by_one(self, usable: list[AbstractIncomingMessage]) -> None:
         # Some message the database refuses: store one at a time, dead-letter the culprit.
         log.warning("a batch failed; storing its %d messages one by one", len(usable), exc_info=True)
         for message in usable:
@@ -342,7 +339,7 @@ class Host:
             await self.pipelines.resolve()  # a task that ended may decide the tasks held after it
         await self._notify_changed()
 
-    async def _settle(self, message: Delivery, multiple: bool = True, requeue: bool | None = None) -> None:
+    async def _settle(self, message: AbstractIncomingMessage, multiple: bool = True, requeue: bool | None = None) -> None:
         """Ack (or nack with requeue) ``message`` and, with ``multiple``, every earlier delivery.
 
         After a reconnect the delivery belongs to a dead channel; the broker redelivers
@@ -356,7 +353,7 @@ class Host:
         except Exception as exc:
             log.warning("could not settle deliveries up to %s: %s", message.delivery_tag, exc)
 
-    async def _dead_letter(self, message: Delivery, reason: str) -> None:
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         try:
             await broker.dead_letter(self._exchanges, message, reason, SOURCE)
         except Exception:
