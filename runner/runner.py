@@ -643,7 +643,7 @@ class Runner:
         return lambda stream, offset: self.store.set_sent(task_id, stream, offset)
 
     async def _publish_chunk(self, key: str, body: bytes, headers: dict) -> None:
-        await broker.publish_persistent(self._publish_channel, self.topo.events, key, body, headers, self.user)
+        await self._publish_raw(self.topo.events, key, body, headers)
 
     async def _output_loop(self) -> None:
         while True:
