@@ -201,9 +201,7 @@ class Broker:
 
     def _subscribe(self, keys: list[str]) -> None:
         try:
-            self._events_queue = self.wire.declare_queue(self.channel, exclusive=True).queue
-            self.wire.bind_queue(self.channel, self._events_queue, f"{self.prefix}.events", keys)
-            self.wire.consume(self.channel, self._events_queue)
+            self._events_queue = self.wire.subscribe(self.channel, f"{self.prefix}.events", keys)
         except wire.WireError as exc:
             raise self._broker_error(exc) from None
 

@@ -235,12 +235,22 @@ class Wire:
         return self.call(channel, Queue.Declare(queue=name, passive=passive, exclusive=exclusive,
                                                 auto_delete=exclusive), Queue.DeclareOk)
 
-    def bind_queue(self, channel: int, queue: str, exchange: str, keys: list[str]) -> None:
-        """Bind ``keys``, pipelined: every bind is sent before the first answer is read."""
-        for key in keys:
-            self._send(channel, Queue.Bind(queue=queue, exchange=exchange, routing_key=key))
+    def subscribe(self, channel: int, exchange: str, keys: list[str]) -> str:
+        """A new exclusive queue bound to ``keys`` on ``exchange`` and consumed (no ack); its name.
+
+        One broker round trip, not three: the declare, the binds and the consume are sent
+        together, the binds and the consume naming the queue as "" (AMQP 0-9-1: the queue
+        last declared on this channel), then the answers are read.
+        """
+        frames = [(channel, Queue.Declare(queue="", exclusive=True, auto_delete=True))]
+        frames += [(channel, Queue.Bind(queue="", exchange=exchange, routing_key=key)) for key in keys]
+        frames.append((channel, Basic.Consume(queue="", no_ack=True)))
+        self._send_many(frames)
+        name = self._expect(channel, Queue.DeclareOk).queue
         for _ in keys:
             self._expect(channel, Queue.BindOk)
+        self._expect(channel, Basic.ConsumeOk)
+        return name
 
     def consume(self, channel: int, queue: str, no_ack: bool = True) -> str:
         return self.call(channel, Basic.Consume(queue=queue, no_ack=no_ack), Basic.ConsumeOk).consumer_tag
