@@ -184,7 +184,7 @@ class StateEvent(Message):
 BCC_HEADER = "BCC"   # RabbitMQ's sender-selected distribution: more routing keys, stripped before delivery
 
 # exchange, routing key, body, headers: a message as the outbox (hakuriver.outbox) keeps and publishes it
-OutboxRow = tuple[str, str, bytes, "dict[str, Any] | None"]
+OutboxRow = tuple[str, str, bytes, dict[str, Any] | None]
 
 
 def combine_state_events(rows: list[OutboxRow], events_exchange: str) -> list[OutboxRow]:

@@ -26,11 +26,12 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
-# exchange name, routing key, body, headers -> awaitable confirm
+# exchange name, routing key, body, headers: a row, and a message as it is published
+Row = tuple[str, str, bytes, dict[str, Any] | None]
+# -> awaitable confirm
 Publish = Callable[[str, str, bytes, dict[str, Any] | None], Awaitable[None]]
-# (exchange, routing key, body, headers) rows in order -> the messages that carry them all, in order
-Combine = Callable[[list[tuple[str, str, bytes, dict[str, Any] | None]]],
-                   list[tuple[str, str, bytes, dict[str, Any] | None]]]
+# rows in order -> the messages that carry them all, in order
+Combine = Callable[[list[Row]], list[Row]]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -100,8 +101,8 @@ class Outbox:
                     "SELECT id, exchange, routing_key, body, headers FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                     (sent_upto, self.batch_size)).fetchall()
             if rows:
-                messages = [(exchange, key, body, json.loads(headers) if headers else None)
-                            for _, exchange, key, body, headers in rows]
+                messages: list[Row] = [(exchange, key, body, json.loads(headers) if headers else None)
+                                       for _, exchange, key, body, headers in rows]
                 if self.combine is not None:
                     messages = self.combine(messages)
                 batch = asyncio.gather(*(publish(*message) for message in messages))

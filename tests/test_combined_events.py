@@ -73,7 +73,8 @@ def test_a_lone_event_and_every_other_row_go_out_unchanged_and_in_their_place():
     rows = [row(one), pool_task, row(two), row(three), node_named_like_a_key, row(four), with_headers, output]
     assert combine(rows) == [
         row(one), pool_task,
-        (EVENTS, "task.2.state", b"[" + two.to_bytes() + b"," + three.to_bytes() + b"]", {BCC_HEADER: ["task.3.state"]}),
+        (EVENTS, "task.2.state", b"[" + two.to_bytes() + b"," + three.to_bytes() + b"]",
+         {BCC_HEADER: ["task.3.state"]}),
         node_named_like_a_key, row(four), with_headers, output]
     assert combine([]) == []
 

@@ -1,9 +1,10 @@
 """What arrives on the host's ledger queue, decoded and checked: a pure function tests call directly.
 
 Why it exists: the ledger queue carries four kinds of message (a submitted task, a state
-event or several in one, an output chunk, a heartbeat), told apart by exchange and routing key. Every check
-that makes a message unusable (wrong key for its body, numbers past 64 bits, bad JSON)
-lives here, so the service only stores what passed and dead-letters the rest with the reason.
+event or several in one, an output chunk, a heartbeat), told apart by exchange and routing
+key. Every check that makes a message unusable (wrong key for its body, numbers past 64
+bits, bad JSON) lives here, so the service only stores what passed and dead-letters the
+rest with the reason.
 
 What passed goes into an :class:`Ingested`: the messages sorted by kind into typed lists,
 which is what :meth:`hakuriver.host.ledger.Ledger.ingest` takes, so nothing downstream
