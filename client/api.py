@@ -469,10 +469,11 @@ class Waiter:
         try:
             if key.endswith(".state"):
                 try:
-                    event = StateEvent.from_bytes(message.body)
+                    events = StateEvent.all_from_bytes(message.body)  # others' too, if combined with ours
                 except ValueError:
                     return
-                self._record(event)
+                for event in events:
+                    self._record(event)
             elif self.follow:
                 self._write_chunk(message)
         except Exception as exc:  # from a callback: end the wait with it, not lost in aio-pika's consumer

@@ -238,8 +238,7 @@ class Broker:
             except wire.WireError as exc:
                 raise self._broker_error(exc) from None
             if delivery is not None and delivery.method.routing_key.endswith(".state"):
-                event = parse_state_event(delivery.body)
-                if event is not None:
+                for event in parse_state_events(delivery.body):
                     record(event)
         return results
 
@@ -269,10 +268,20 @@ class Broker:
         return events
 
 
-def parse_state_event(body: bytes) -> Event | None:
-    """A StateEvent body as an :class:`Event`; None for anything that is not one (ignored, as client.api does)."""
+def parse_state_events(body: bytes) -> list[Event]:
+    """The events of a state-event message: its one StateEvent object, or each of the array an
+    outbox combined several into (docs/protocol.md); what is not one is left out (ignored, as
+    client.api does)."""
     try:
         data = json.loads(body)
+    except ValueError:
+        return []
+    events = (_state_event(item) for item in (data if isinstance(data, list) else [data]))
+    return [event for event in events if event is not None]
+
+
+def _state_event(data: Any) -> Event | None:
+    try:
         if not isinstance(data, dict) or data.get("v") != 1 or type(data.get("task_id")) is not int:
             return None
         exit_code = data.get("exit_code")

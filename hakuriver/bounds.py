@@ -17,6 +17,8 @@ EVENT_ROOM_BYTES = 16 << 10              # what a state event adds around the ta
 MAX_TASK_BYTES = MAX_MESSAGE_BYTES - EVENT_ROOM_BYTES   # a task, encoded: its queued event must fit too
 MAX_CHUNK_BYTES = 64 << 10               # one output chunk
 MAX_RPC_REPLY_BYTES = 8 << 20            # an output page of 4 MiB, base64-encoded, fits
+MAX_EVENTS_PER_MESSAGE = 64              # state events sent together as one message (a JSON array)
+COMBINED_EVENTS_BYTES = 256 << 10        # such an array stops growing before this; a larger event goes alone
 
 # -- one task ----------------------------------------------------------------------------
 MAX_ARG_BYTES = 128 << 10                # command + args together, UTF-8

@@ -10,15 +10,17 @@ Binary output travels as the raw message body; its metadata rides in headers
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from hakuriver.bounds import (DEFAULT_RETRY_DELAY_S, MAX_AFTER, MAX_ARG_BYTES, MAX_CHUNK_BYTES, MAX_CORES,
-                              MAX_ENV_BYTES, MAX_GPUS, MAX_MEMORY, MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RETRIES,
-                              MAX_RETRY_DELAY_S, MAX_RPC_REPLY_BYTES, MAX_TASK_BYTES)
+from hakuriver.bounds import (COMBINED_EVENTS_BYTES, DEFAULT_RETRY_DELAY_S, MAX_AFTER, MAX_ARG_BYTES,
+                              MAX_CHUNK_BYTES, MAX_CORES, MAX_ENV_BYTES, MAX_EVENTS_PER_MESSAGE, MAX_GPUS, MAX_MEMORY,
+                              MAX_MESSAGE_BYTES, MAX_NUMA_ID, MAX_RETRIES, MAX_RETRY_DELAY_S, MAX_RPC_REPLY_BYTES,
+                              MAX_TASK_BYTES)
 from hakuriver.mounts import parse_mount
 from hakuriver.states import TaskState
 from hakuriver.topology import target_key
@@ -164,6 +166,81 @@ class StateEvent(Message):
     gpus: list[int] | None = None  # ``running``: the GPU ids the task holds (None: none)
     attempt: int = Field(default=1, ge=1, le=MAX_RETRIES + 1)  # which run of the task (retries) it is about
     ended: TaskState | None = None  # ``retrying``: how the attempt ended (``failed`` or ``lost``)
+
+    @classmethod
+    def all_from_bytes(cls, body: bytes) -> list["StateEvent"]:
+        """The events of one state-event message, in order: one (a JSON object, as
+        :meth:`from_bytes` reads it) or several (a JSON array of them, as
+        :func:`combine_state_events` makes); ValueError for anything else, an empty array included."""
+        if body.lstrip(b" \t\r\n")[:1] != b"[":
+            return [cls.from_bytes(body)]
+        if len(body) > cls.max_bytes:
+            raise ValueError(f"message of {len(body)} bytes is over the {cls.max_bytes} byte bound")
+        return _state_event_array().validate_json(body)
+
+
+# -- several state events in one message ---------------------------------------------------
+
+BCC_HEADER = "BCC"   # RabbitMQ's sender-selected distribution: more routing keys, stripped before delivery
+
+# exchange, routing key, body, headers: a message as the outbox (hakuriver.outbox) keeps and publishes it
+OutboxRow = tuple[str, str, bytes, dict[str, Any] | None]
+
+
+def combine_state_events(rows: list[OutboxRow], events_exchange: str) -> list[OutboxRow]:
+    """``rows`` with each run of consecutive state events made into one message: the outbox's
+    ``combine`` (the runner's and the host's). Every other row stays as it is, and in its place.
+
+    Why: each message costs the publisher, the broker, the host and every waiting client about
+    as much as the event in it, and a busy runner's outbox holds several events at a time. The
+    combined message's body is the JSON array of the events' bodies, its routing key the first
+    event's, and its ``BCC`` header the other events' keys: RabbitMQ routes it on all of them and
+    puts it into each bound queue once (the host's ledger queue, a client bound to any one of the
+    tasks), then strips the header. A run stops at MAX_EVENTS_PER_MESSAGE events or before the
+    array reaches COMBINED_EVENTS_BYTES; a run of one stays the plain object it always was.
+    A state event is a row on ``events_exchange`` with a ``task.<id>.state`` key and no headers.
+    """
+    out: list[OutboxRow] = []
+    run: list[OutboxRow] = []
+    size = 1   # the array's bytes so far: "[", then each body with the "," or "]" after it
+    for row in rows:
+        exchange, key, body, headers = row
+        if not (exchange == events_exchange and headers is None and key.startswith("task.")
+                and key.endswith(".state")):
+            if run:
+                out.append(_one_message(run))
+                run = []
+            out.append(row)
+            continue
+        if run and (len(run) >= MAX_EVENTS_PER_MESSAGE or size + len(body) + 1 > COMBINED_EVENTS_BYTES):
+            out.append(_one_message(run))
+            run = []
+        if not run:
+            size = 1
+        run.append(row)
+        size += len(body) + 1
+    if run:
+        out.append(_one_message(run))
+    return out
+
+
+def state_event_combiner(events_exchange: str):
+    """:func:`combine_state_events` for the outbox of a process that publishes to ``events_exchange``."""
+    return functools.partial(combine_state_events, events_exchange=events_exchange)
+
+
+def _one_message(run: list[OutboxRow]) -> OutboxRow:
+    if len(run) == 1:
+        return run[0]
+    exchange, key = run[0][0], run[0][1]
+    others = list(dict.fromkeys(row[1] for row in run[1:] if row[1] != key))
+    return exchange, key, b"[" + b",".join(row[2] for row in run) + b"]", {BCC_HEADER: others} if others else None
+
+
+@functools.cache
+def _state_event_array() -> TypeAdapter:
+    # Built on first use, as the models are (defer_build): a runner never reads one.
+    return TypeAdapter(Annotated[list[StateEvent], Field(min_length=1, max_length=MAX_EVENTS_PER_MESSAGE)])
 
 
 class OutputChunk(BaseModel):

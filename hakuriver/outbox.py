@@ -8,6 +8,11 @@ safely with the broker (the runner acks a task only then).
 
 A row published but not yet deleted when the process dies is sent again on restart:
 consumers de-duplicate by sequence number and byte offset.
+
+The owner may pass ``combine``, which turns the rows of one batch into fewer messages (the
+runner and the host combine consecutive state events: :func:`hakuriver.messages.combine_state_events`);
+the outbox itself knows nothing of what its rows mean. A batch is confirmed, deleted and
+resent as a whole, so a message made of several rows is covered by that too.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
-# exchange name, routing key, body, headers -> awaitable confirm
+# exchange name, routing key, body, headers: a row, and a message as it is published
+Row = tuple[str, str, bytes, dict[str, Any] | None]
+# -> awaitable confirm
 Publish = Callable[[str, str, bytes, dict[str, Any] | None], Awaitable[None]]
+# rows in order -> the messages that carry them all, in order
+Combine = Callable[[list[Row]], list[Row]]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -36,10 +45,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 
 class Outbox:
-    def __init__(self, db: sqlite3.Connection, batch_size: int = 256):
+    def __init__(self, db: sqlite3.Connection, batch_size: int = 256, combine: Combine | None = None):
         self.db = db
         self.db.executescript(SCHEMA)
         self.batch_size = batch_size
+        self.combine = combine
         self._wakeup = asyncio.Event()
         self._confirmed_upto = 0
         self._confirm_waiters: list[tuple[int, asyncio.Future]] = []
@@ -91,8 +101,11 @@ class Outbox:
                     "SELECT id, exchange, routing_key, body, headers FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                     (sent_upto, self.batch_size)).fetchall()
             if rows:
-                batch = asyncio.gather(*(publish(exchange, key, body, json.loads(headers) if headers else None)
-                                         for _, exchange, key, body, headers in rows))
+                messages: list[Row] = [(exchange, key, body, json.loads(headers) if headers else None)
+                                       for _, exchange, key, body, headers in rows]
+                if self.combine is not None:
+                    messages = self.combine(messages)
+                batch = asyncio.gather(*(publish(*message) for message in messages))
                 sent_upto = rows[-1][0]
                 in_flight.append((sent_upto, batch))
                 continue

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hakuriver.identity import OWNER_HEADER
-from hakuriver.messages import StateEvent, Task
+from hakuriver.messages import StateEvent, Task, state_event_combiner
 from hakuriver.outbox import Outbox
 from hakuriver.states import TaskState
 from hakuriver.topology import POOL_KEY, Topology
@@ -75,7 +75,7 @@ class RunnerStore:
         for name, kind in _ADDED_COLUMNS.items():
             if name not in have:
                 self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
-        self.outbox = Outbox(self.db)
+        self.outbox = Outbox(self.db, combine=state_event_combiner(topo.events))
         self.topo, self.node = topo, node
         self._arrival = self.db.execute("SELECT coalesce(max(arrival), 0) FROM tasks").fetchone()[0]
 

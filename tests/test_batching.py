@@ -13,7 +13,7 @@ import pytest
 
 from hakuriver.host.ingest import ends_a_task
 from hakuriver.host.service import BATCH_GAP, BATCH_WINDOW, batch_gap
-from hakuriver.messages import StateEvent
+from hakuriver.messages import StateEvent, combine_state_events
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
 
@@ -40,11 +40,23 @@ def test_state_events_end_a_task_when_their_state_is_terminal(state):
     assert ends_a_task(Topology.state_key(7), event.to_bytes()) == state.terminal
 
 
+def test_a_combined_message_ends_a_task_when_any_of_its_events_does():
+    def body(*states: TaskState) -> bytes:
+        rows = [("ev", Topology.state_key(n), StateEvent(task_id=n, state=state, seq=2).to_bytes(), None)
+                for n, state in enumerate(states)]
+        (message,) = combine_state_events(rows, events_exchange="ev")
+        return message[2]
+    assert ends_a_task(Topology.state_key(0), body(TaskState.RUNNING, TaskState.COMPLETED, TaskState.QUEUED))
+    assert not ends_a_task(Topology.state_key(0), body(TaskState.RUNNING, TaskState.PAUSED, TaskState.RETRYING))
+
+
 @pytest.mark.parametrize("key, body", [
     (Topology.output_key(7, "stdout"), b'{"state": "completed"}'),   # output bytes, whatever they say
     (Topology.heartbeat_key("node1"), b'{"state": "completed"}'),
     (Topology.state_key(7), b"not json"),
     (Topology.state_key(7), b'["completed"]'),
+    (Topology.state_key(7), b'[]'),
+    (Topology.state_key(7), b'[{"state": "finished"}, 7, null, [{"state": "completed"}]]'),
     (Topology.state_key(7), b'{"state": "finished"}'),
     (Topology.state_key(7), b'{"state": ["completed"]}'),
     (Topology.state_key(7), b"\xff\xfe"),

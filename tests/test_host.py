@@ -19,7 +19,7 @@ import pytest
 from hakuriver import broker, rpc
 from hakuriver.config import BrokerConfig, Config, PathsConfig, SecurityConfig, TimingConfig, WebConfig
 from hakuriver.host.service import Host, may_judge_silence
-from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
+from hakuriver.messages import BCC_HEADER, Heartbeat, OutputChunk, StateEvent, Task, combine_state_events
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
 from harness.local_cluster import wait_until_async
@@ -170,9 +170,9 @@ async def test_offline_node_tasks_become_lost_and_come_back(cluster):
     async with watcher.iterator(timeout=15) as messages:
         async for message in messages:
             await message.ack()
-            received = StateEvent.from_bytes(message.body)
-            if received.state is TaskState.LOST:
-                lost = received
+            received = [e for e in StateEvent.all_from_bytes(message.body) if e.task_id == task_id]
+            if received and received[-1].state is TaskState.LOST:
+                lost = received[-1]
                 break
     assert lost is not None and lost.seq == 2 and lost.node == "node1"
     assert lost.message == "node node1 went offline"
@@ -189,6 +189,50 @@ async def test_offline_node_tasks_become_lost_and_come_back(cluster):
 
     task = await wait_until_async(running_again, 10, "the task running again")
     assert task["finished_at"] is None
+
+
+async def test_a_combined_message_is_stored_event_by_event_and_once_when_it_comes_again(cluster):
+    """As a runner's outbox sends several events at once (docs/protocol.md), and sends again after a crash."""
+    events = [StateEvent(task_id=t, state=TaskState.PENDING, seq=0, task=make_task(t)) for t in (31, 32)]
+    events += [StateEvent(task_id=31, state=TaskState.QUEUED, seq=1, node="node1", task=make_task(31)),
+               StateEvent(task_id=32, state=TaskState.QUEUED, seq=1, node="node1", task=make_task(32)),
+               StateEvent(task_id=31, state=TaskState.RUNNING, seq=2, node="node1"),
+               StateEvent(task_id=31, state=TaskState.COMPLETED, seq=3, node="node1", exit_code=0)]
+    rows = [("ev", Topology.state_key(e.task_id), e.to_bytes(), None) for e in events]
+    ((_, key, body, headers),) = combine_state_events(rows, events_exchange="ev")
+    assert headers == {BCC_HEADER: [Topology.state_key(32)]}
+    for _ in range(2):  # the second time as an outbox resends it: the ledger has every event already
+        await cluster.exchanges.events.publish(broker.persistent(body, headers=headers, user_id=ME), routing_key=key)
+
+    async def both_stored():
+        return cluster.host.messages_ingested >= 2 * len(events)
+
+    await wait_until_async(both_stored, 10, "both copies ingested")
+    assert cluster.host.messages_ingested == 2 * len(events)  # the ledger queue got each copy once
+    assert cluster.host.events_applied == len(events)         # and took each event once
+    first, second = (await cluster.call("status", task_ids=[31, 32]))["tasks"]
+    assert (first["state"], first["exit_code"], second["state"]) == ("completed", 0, "queued")
+
+
+async def test_lost_events_of_several_tasks_go_out_together_and_reach_each_tasks_waiter(cluster):
+    beat = dict(cores_total=4, cores_free=4, memory_total=1 << 30, memory_free=1 << 30)
+    await cluster.publish_heartbeat(Heartbeat(node="node1", **beat))
+    watchers = {}
+    for task_id in (41, 42):
+        watchers[task_id] = await cluster.channel.declare_queue(exclusive=True, auto_delete=True)
+        await watchers[task_id].bind(cluster.exchanges.events, Topology.state_key(task_id))
+        await cluster.publish_state(StateEvent(task_id=task_id, state=TaskState.PENDING, seq=0,
+                                               task=make_task(task_id)))
+        await cluster.publish_state(StateEvent(task_id=task_id, state=TaskState.RUNNING, seq=2, node="node1"))
+    # The node falls silent: the host marks both tasks lost in one go, and its outbox sends them as one message.
+    for watcher in watchers.values():  # each bound to its own task's key only
+        async with watcher.iterator(timeout=15) as messages:
+            async for message in messages:
+                await message.ack()
+                received = StateEvent.all_from_bytes(message.body)
+                if any(e.state is TaskState.LOST for e in received):
+                    break
+        assert sorted((e.task_id, e.state) for e in received) == [(41, TaskState.LOST), (42, TaskState.LOST)]
 
 
 async def test_garbage_is_dead_lettered_and_the_host_keeps_serving(cluster):

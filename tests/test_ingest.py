@@ -12,7 +12,7 @@ import re
 import pytest
 
 from hakuriver.host.ingest import Ingested, Malformed, parse_event
-from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task
+from hakuriver.messages import Heartbeat, OutputChunk, StateEvent, Task, combine_state_events
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
 
@@ -41,6 +41,37 @@ def test_a_state_event():
     sent = StateEvent(task_id=5, node="node1", state=TaskState.RUNNING, seq=2, time=1.0)
     parsed = parse_event(Topology.state_key(5), None, sent.to_bytes())
     assert parsed == Ingested(events=[sent])
+
+
+def combined(*events: StateEvent) -> tuple[str, bytes]:
+    """The routing key and body of ``events`` as one outbox message (a JSON array)."""
+    (message,) = combine_state_events([("ev", Topology.state_key(e.task_id), e.to_bytes(), None) for e in events],
+                                      events_exchange="ev")
+    return message[1], message[2]
+
+
+def test_a_combined_message_gives_each_of_its_events_in_order():
+    events = [StateEvent(task_id=t, node="node1", state=TaskState.RUNNING, seq=2, time=1.0) for t in (5, 6)]
+    events.append(StateEvent(task_id=5, node="node1", state=TaskState.COMPLETED, seq=3, time=2.0, exit_code=0))
+    key, body = combined(*events)
+    assert key == Topology.state_key(5)
+    assert parse_event(key, None, body) == Ingested(events=events)
+    # Routed on every task's key (BCC); the one it carries is one of them, whichever it is.
+    assert parse_event(Topology.state_key(6), None, body) == Ingested(events=events)
+
+
+def test_a_combined_message_with_one_bad_event_adds_nothing():
+    good = StateEvent(task_id=5, state=TaskState.RUNNING, seq=2, time=1.0)
+    carries_another = StateEvent(task_id=6, state=TaskState.QUEUED, seq=1, time=1.0, task=task(7))
+    batch = Ingested()
+    key, body = combined(good, carries_another)
+    with pytest.raises(Malformed, match="state event of task 6 carries task 7"):
+        parse_event(key, None, body, into=batch)
+    with pytest.raises(Malformed, match="no state event of task 9 among the 2 on its routing key"):
+        parse_event(Topology.state_key(9), None, combined(good, good)[1], into=batch)
+    with pytest.raises(Malformed, match="at least 1 item"):
+        parse_event(Topology.state_key(9), None, b"[]", into=batch)
+    assert batch == Ingested()
 
 
 def test_an_output_chunk_keeps_its_bytes():

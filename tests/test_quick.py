@@ -24,7 +24,7 @@ from client.requests import SubmitRequest
 from harness.local_cluster import BIN, BROKER_URL, Cluster, delete_prefix, free_port, wait_until, write_config
 from hakuriver import broker as hk_broker
 from hakuriver.config import SECTIONS, Config, load_config
-from hakuriver.messages import Kill, Mount, RpcRequest, StateEvent, Task
+from hakuriver.messages import Kill, Mount, RpcRequest, StateEvent, Task, combine_state_events
 from hakuriver.states import TaskState
 from hakuriver.topology import Topology
 from private_broker import private_broker  # noqa: F401  (the session fixture)
@@ -137,9 +137,21 @@ def test_kill_and_rpc_bodies_are_the_models_bytes():
 
 def test_state_events_parse_as_the_model_reads_them():
     body = StateEvent(task_id=5, node="n1", state=TaskState.FAILED, seq=3, exit_code=7, message="boom").to_bytes()
-    assert light_broker.parse_state_event(body) == light_broker.Event(5, TaskState.FAILED, "n1", 7, "boom")
-    for junk in (b"", b"[]", b'{"v": 2, "task_id": 5, "state": "failed"}', b'{"v": 1, "task_id": 5, "state": "x"}'):
-        assert light_broker.parse_state_event(junk) is None
+    assert light_broker.parse_state_events(body) == [light_broker.Event(5, TaskState.FAILED, "n1", 7, "boom")]
+    for junk in (b"", b"[]", b'{"v": 2, "task_id": 5, "state": "failed"}', b'{"v": 1, "task_id": 5, "state": "x"}',
+                 b'[{"state": ["failed"]}]', b"[[]]"):
+        assert light_broker.parse_state_events(junk) == []
+
+
+def test_a_combined_state_event_message_gives_each_of_its_events_in_order():
+    running = StateEvent(task_id=5, node="n1", state=TaskState.RUNNING, seq=2)
+    done = StateEvent(task_id=9, node="n1", state=TaskState.COMPLETED, seq=3, exit_code=0)
+    (_, _, body, _), = combine_state_events([("p.events", Topology.state_key(e.task_id), e.to_bytes(), None)
+                                            for e in (running, done)], events_exchange="p.events")
+    assert light_broker.parse_state_events(body) == [light_broker.Event(5, TaskState.RUNNING, "n1", None, ""),
+                                                     light_broker.Event(9, TaskState.COMPLETED, "n1", 0, "")]
+    junk_inside = b"[" + running.to_bytes() + b', 7, {"v": 2}]'
+    assert light_broker.parse_state_events(junk_inside) == [light_broker.Event(5, TaskState.RUNNING, "n1", None, "")]
 
 
 def test_task_fields_match_the_api_for_the_same_request():

@@ -83,8 +83,13 @@ def main() -> int:
             return 3
         kind = method.routing_key.rsplit(".", 1)[1]
         if kind == "state":
-            event = json.loads(body)
-            if event["state"] in TERMINAL:
+            # One event, or a JSON array of several that a runner sent together (to every task's
+            # key among them, so also other tasks' events): ours are those of our task id.
+            events = json.loads(body)
+            ends = [e for e in (events if isinstance(events, list) else [events])
+                    if e["task_id"] == task_id and e["state"] in TERMINAL]
+            if ends:
+                event = ends[0]
                 break
             continue
         offset = properties.headers["offset"]

@@ -1,9 +1,10 @@
 """What arrives on the host's ledger queue, decoded and checked: a pure function tests call directly.
 
 Why it exists: the ledger queue carries four kinds of message (a submitted task, a state
-event, an output chunk, a heartbeat), told apart by exchange and routing key. Every check
-that makes a message unusable (wrong key for its body, numbers past 64 bits, bad JSON)
-lives here, so the service only stores what passed and dead-letters the rest with the reason.
+event or several in one, an output chunk, a heartbeat), told apart by exchange and routing
+key. Every check that makes a message unusable (wrong key for its body, numbers past 64
+bits, bad JSON) lives here, so the service only stores what passed and dead-letters the
+rest with the reason.
 
 What passed goes into an :class:`Ingested`: the messages sorted by kind into typed lists,
 which is what :meth:`hakuriver.host.ledger.Ledger.ingest` takes, so nothing downstream
@@ -70,9 +71,12 @@ def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, f
                 raise Malformed(f"heartbeat of node {beat.node!r} on routing key {routing_key!r}")
             batch.heartbeats.append(beat)
         elif key.stream == "state":
-            event = StateEvent.from_bytes(body)
-            _check_state_event(event, key.task_id)
-            batch.events.append(event)
+            events = StateEvent.all_from_bytes(body)  # several: combined by an outbox, routed on each one's key
+            if len(events) > 1 and key.task_id not in {event.task_id for event in events}:
+                raise Malformed(f"no state event of task {key.task_id} among the {len(events)} on its routing key")
+            for event in events:  # one alone must be its key's; in an array each is routed on its own key too
+                _check_state_event(event, key.task_id if len(events) == 1 else event.task_id)
+            batch.events.extend(events)
         else:
             chunk = OutputChunk.from_headers(headers or {}, body)
             if chunk.task_id != key.task_id or chunk.stream != key.stream:
@@ -89,15 +93,23 @@ def parse_event(routing_key: str, headers: dict[str, Any] | None, body: bytes, f
 
 def ends_a_task(routing_key: str, body: bytes) -> bool:
     """Whether this ledger-queue message is a state event that ends its task (a terminal
-    state), by a quick look at its JSON; False for anything else, also for what does not
-    parse (:func:`parse_event` judges it). The host stores a batch holding one soon after it
-    came (``Host._collect_batch``): whoever waited for that end may read the ledger next."""
+    state), or a combined one holding such an event, by a quick look at its JSON; False for
+    anything else, also for what does not parse (:func:`parse_event` judges it). The host
+    stores a batch holding one soon after it came (``Host._collect_batch``): whoever waited
+    for that end may read the ledger next."""
     if not routing_key.endswith(".state"):
         return False
     try:
-        state = json.loads(body).get("state")
-        return TaskState(state).terminal
-    except (ValueError, AttributeError, TypeError):  # bad JSON, not an object, no such state
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return any(_terminal(event) for event in (data if isinstance(data, list) else [data]))
+
+
+def _terminal(event: Any) -> bool:
+    try:
+        return TaskState(event.get("state")).terminal
+    except (ValueError, AttributeError, TypeError):  # not an object, no such state
         return False
 
 

@@ -42,7 +42,7 @@ from hakuriver.host.ledger import Ledger
 from hakuriver.host.pipelines import Pipelines
 from hakuriver.host.queries import LedgerChanges, Queries
 from hakuriver.host.web import WebContext, WebServer
-from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line
+from hakuriver.messages import RpcReply, RpcRequest, StateEvent, one_line, state_event_combiner
 from hakuriver.outbox import Outbox
 from hakuriver.tls import client_ssl_context
 from hakuriver.topology import Topology
@@ -129,7 +129,7 @@ class Host:
         await self.ledger.open()
         outbox_db = sqlite3.connect(Path(self.config.paths.state_dir) / "host-outbox.db")
         outbox_db.execute("PRAGMA journal_mode=WAL")
-        self._outbox = Outbox(outbox_db)
+        self._outbox = Outbox(outbox_db, combine=state_event_combiner(self.topo.events))
         self.pipelines = Pipelines(self.ledger, self._outbox, self.topo, self.services, self.config.security.admins)
         await self.pipelines.open()
         self._connection = await self._connect(retry)
