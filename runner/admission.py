@@ -18,7 +18,9 @@ task's cores and memory stay free for it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from hakuriver.messages import NumaNode, Task
 from hakuriver.sizes import format_size
@@ -54,6 +56,45 @@ def never_fits(task: Task, cap: Capacity, where: str = "the node") -> str | None
     if task.gpu_count > len(cap.gpus):
         return f"{task.gpu_count} GPUs requested; {where} has {len(cap.gpus)}"
     return None
+
+
+def ask(task: Task) -> tuple:
+    """What ``task`` asks of the node, as admission sees it: two tasks with the same ask fit or not together."""
+    return task.cores, task.memory, task.numa, task.gpu_count, tuple(task.gpus or ())
+
+
+class WaitingTasks:
+    """The tasks a runner holds that wait for room, in arrival order, with what they ask for.
+
+    Why not a list: :meth:`Admission.choose` runs at every arrival and every end, and with a
+    deep queue (1,000 tasks sent at once to a 2-core node) a pass over every waiting task each
+    time cost the runner more than running them (issue 18). Knowing which asks are waiting lets
+    a pass stop once every one of them is known not to fit. Removal by id is O(1) too.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[int, Task] = {}   # insertion order is arrival order
+        self.asks: Counter[tuple] = Counter()
+
+    def append(self, task: Task) -> None:
+        self._tasks[task.task_id] = task
+        self.asks[ask(task)] += 1
+
+    def remove(self, task: Task) -> None:
+        del self._tasks[task.task_id]
+        key = ask(task)
+        self.asks[key] -= 1
+        if not self.asks[key]:
+            del self.asks[key]
+
+    def get(self, task_id: int) -> Task | None:
+        return self._tasks.get(task_id)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self._tasks.values())   # not to be changed while it is walked
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
 
 class Admission:
@@ -116,21 +157,37 @@ class Admission:
         if task.numa is not None:
             self.numa_used[task.numa] -= task.cores
 
-    def choose(self, waiting: list[Task]) -> list[Task]:
-        """Take and return the tasks of ``waiting`` (in arrival order) that start now."""
+    def choose(self, waiting: WaitingTasks | list[Task]) -> list[Task]:
+        """Take and return the tasks of ``waiting`` (in arrival order) that start now.
+
+        Resources only shrink during a pass, so a task that asks what a blocked one asked is
+        blocked too (until the next start). Given a :class:`WaitingTasks`, the pass stops once
+        every ask still waiting is one of those: nothing behind could start, and (while no task
+        has been passed ``max_bypass`` times) nothing behind could be held either, so the result
+        is that of the whole pass, at the cost of a few tasks instead of all of them.
+        """
         started: list[Task] = []
         blocked: list[Task] = []
         self.holding = None
         held_for_gpus: Task | None = None  # the held task lacks GPUs only: CPU-only tasks may pass
+        blocked_asks: set[tuple] = set()
+        asks_waiting = waiting.asks.keys() if isinstance(waiting, WaitingTasks) else None
+        may_stop = asks_waiting is not None and all(n < self.max_bypass for n in self._bypassed.values())
         for task in waiting:
             if held_for_gpus is not None and (task.gpu_count or not self._leaves_room(task, held_for_gpus)):
                 continue
-            if self.fits(task):
+            key = ask(task)
+            if key not in blocked_asks and self.fits(task):
                 self.take(task)
                 started.append(task)
+                blocked_asks.clear()
                 for b in blocked:
                     self._bypassed[b.task_id] = self._bypassed.get(b.task_id, 0) + 1
             else:
+                if key not in blocked_asks:
+                    blocked_asks.add(key)
+                    if may_stop and held_for_gpus is None and asks_waiting <= blocked_asks:
+                        break  # every task behind asks what does not fit now
                 blocked.append(task)
                 if self._bypassed.get(task.task_id, 0) >= self.max_bypass and held_for_gpus is None:
                     self.holding = task.task_id

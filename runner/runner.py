@@ -44,7 +44,7 @@ from hakuriver.states import TaskState
 from hakuriver.tls import client_ssl_context
 from hakuriver.topology import ALL_NODES_KEY, POOL_KEY, Topology
 from runner import accounts
-from runner.admission import Admission, Capacity
+from runner.admission import Admission, Capacity, WaitingTasks
 from runner.executors.base import Executor, Handle, Outcome, PauseRefused, RunSpec, StartFailed, TaskRejected
 from runner.executors.select import available_executors, executor_for, usable
 from runner.gpus import Inventory
@@ -103,7 +103,7 @@ class Runner:
         self.executors = executors if executors is not None else available_executors(config)
         self.gpus = Inventory(config.node.gpus)
         self.admission = Admission(Capacity(cores, memory, self.numa, tuple(self.gpus.indices)))
-        self.waiting: list[Task] = []
+        self.waiting = WaitingTasks()
         self._told: dict[int, tuple[float, str]] = {}  # waiting task → (since, reason last told)
         self._next_reasons = 0.0
         self.running: dict[int, Running] = {}
@@ -425,7 +425,7 @@ class Runner:
 
     async def _kill(self, task_id: int, for_this_node: bool, by: str) -> None:
         running = self.running.get(task_id)
-        owned = running.task if running is not None else next((t for t in self.waiting if t.task_id == task_id), None)
+        owned = running.task if running is not None else self.waiting.get(task_id)
         if owned is not None and not self._may_kill(by, owned.user):
             log.warning("kill of task %d by %s refused: %s", task_id, by,
                         identity.refusal(by, task_id, owned.user, self.admins))
@@ -438,7 +438,7 @@ class Runner:
             elif running.starting is not None:
                 running.starting.cancel()  # still starting (an image loading, Docker slow): it never runs
             return
-        waiting = next((t for t in self.waiting if t.task_id == task_id), None)
+        waiting = self.waiting.get(task_id)
         if waiting is not None:
             self.waiting.remove(waiting)
             self._told.pop(task_id, None)

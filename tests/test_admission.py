@@ -92,3 +92,68 @@ def test_tasks_held_behind_the_oldest_say_so():
     assert a.choose([big, after]) == []
     assert a.holding == big.task_id
     assert a.why_waiting(after) == f"waiting behind task {big.task_id}, which has waited longest (arrival order)"
+
+
+def test_a_pass_that_stops_early_chooses_what_the_whole_pass_would():
+    """choose() over WaitingTasks stops once every waiting ask is known not to fit; over a plain
+    list it walks every task. Random arrivals, ends and kills, GPUs and NUMA included: the same
+    tasks start, the same task is held, the same passes are counted, every time."""
+    import random
+
+    from runner.admission import WaitingTasks
+
+    rng = random.Random(18)
+    asks = [dict(cores=1.0), dict(cores=2.0), dict(cores=0.0), dict(cores=1.0, memory=3 * GIB),
+            dict(cores=1.0, numa=1), dict(cores=0.5, gpu_count=1), dict(cores=1.0, gpus=[1], gpu_count=1)]
+    for _round in range(40):
+        capacity = Capacity(4, 8 * GIB, {0: NumaNode(cpus=[0, 1], memory=4 * GIB),
+                                         1: NumaNode(cpus=[2, 3], memory=4 * GIB)}, gpus=(0, 1))
+        quick, whole = Admission(capacity, max_bypass=3), Admission(capacity, max_bypass=3)
+        indexed, plain, running = WaitingTasks(), [], []
+        for _step in range(120):
+            roll = rng.random()
+            if roll < 0.55:
+                i = next(_next_id)
+                t = Task(task_id=i, batch_id=i, command="true", target="n", **rng.choice(asks))
+                indexed.append(t)
+                plain.append(t)
+            elif roll < 0.9 and running:
+                t = running.pop(rng.randrange(len(running)))
+                quick.release(t)
+                whole.release(t)
+            elif plain:
+                t = plain.pop(rng.randrange(len(plain)))
+                indexed.remove(t)
+            started = quick.choose(indexed)
+            assert [t.task_id for t in started] == [t.task_id for t in whole.choose(plain)]
+            assert (quick.holding, quick._bypassed) == (whole.holding, whole._bypassed)
+            for t in started:
+                indexed.remove(t)
+                plain.remove(t)
+                running.append(t)
+    assert len(indexed) == len(plain) and list(indexed) == plain
+
+
+def test_a_deep_queue_of_like_tasks_is_not_walked_at_every_pass():
+    from runner.admission import WaitingTasks
+
+    a = admission(cores=2)
+    waiting = WaitingTasks()
+    for _ in range(1000):
+        waiting.append(task(1))
+    started = a.choose(waiting)
+    assert len(started) == 2
+    for t in started:
+        waiting.remove(t)
+    looked = []
+
+    class Watched(WaitingTasks):
+        def __iter__(self):
+            for t in super().__iter__():
+                looked.append(t)
+                yield t
+    watched = Watched()
+    for t in waiting:
+        watched.append(t)
+    assert a.choose(watched) == []
+    assert len(looked) == 1   # the first blocked task's ask is the only one waiting
