@@ -8,8 +8,10 @@ broker's confirm; events that nobody may be bound to are published non-mandatory
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import weakref
 from typing import Any
 
 import aio_pika
@@ -124,8 +126,36 @@ async def publish_persistent(channel: AbstractChannel, exchange: str, routing_ke
     properties = spec.Basic.Properties(content_type=_content_type(headers), delivery_mode=PERSISTENT,
                                        headers=headers, user_id=user_id)
     underlay = await channel.get_underlay_channel()
-    await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key, properties=properties,
-                                 mandatory=False)
+    try:
+        await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key, properties=properties,
+                                     mandatory=False)
+    except aiormq.exceptions.DeliveryError:
+        await renew_after_nack(channel, underlay)
+        raise
+
+
+_renewing: "weakref.WeakKeyDictionary[AbstractChannel, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+async def renew_after_nack(channel: AbstractChannel, nacked: Any) -> None:
+    """Replace the AMQP channel under the robust ``channel`` after the broker nacked a message
+    sent on it (``nacked``, that AMQP channel); once, however many of its messages were nacked.
+
+    Why: after a broker node of a cluster was SIGKILLed, RabbitMQ 3.10 went on nacking every
+    message a channel opened during the quorum queues' leader election sent, for minutes, while
+    a new channel's were taken at once: a runner's outbox sent the same batch again and again on
+    the same channel, 135 times in a minute (tests/test_failover.py, the runners' node killed),
+    and the host's RPC requests likewise. Sending again after this goes out on a new channel.
+    """
+    lock = _renewing.setdefault(channel, asyncio.Lock())
+    async with lock:
+        try:
+            if await channel.get_underlay_channel() is not nacked:
+                return  # another nacked message renewed it already
+            await channel.close()
+            await channel.reopen()
+        except Exception as exc:  # the connection went meanwhile: its reconnect opens the channel again
+            log.debug("channel not renewed after a nack: %s", exc)
 
 
 async def dead_letter(exchanges: Exchanges, message: AbstractIncomingMessage, reason: str, source: str) -> None:

@@ -22,7 +22,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from hakuriver import identity
+from hakuriver import broker, identity
 from hakuriver.messages import RpcReply, RpcRequest
 from hakuriver.topology import Topology
 
@@ -71,18 +71,6 @@ class RpcClient:
             self._consuming, self._consuming_on = None, None
             raise
 
-    async def _fresh_channel(self) -> None:
-        """Replace the channel under ``channel`` with a new one (the next call consumes replies
-        again on it). Why: after the broker node of the host and a client was SIGKILLed, RabbitMQ
-        3.10 nacked every request the client's new channel sent for minutes (the channel was opened
-        while the RPC quorum queue was still electing a leader), so asking again on the same
-        channel never got an answer (tests/test_failover.py, host's node killed)."""
-        try:
-            await self.channel.close()
-            await self.channel.reopen()
-        except Exception as exc:  # the connection went meanwhile: its reconnect opens the channel again
-            log.debug("RPC channel not reopened: %s", exc)
-
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")
         if future is None or future.done():
@@ -110,7 +98,8 @@ class RpcClient:
                 returned = await self.channel.default_exchange.publish(message, routing_key=topo.rpc,
                                                                       mandatory=True)
             except aiormq.exceptions.DeliveryError:
-                await self._fresh_channel()
+                # a new channel (broker.renew_after_nack); the next call consumes replies again on it
+                await broker.renew_after_nack(self.channel, self._consuming_on)
                 raise HostUnavailable(f"the broker refused the {method!r} request; asking again on a new channel"
                                       ) from None
             if isinstance(returned, aiormq.abc.DeliveredMessage):

@@ -88,3 +88,33 @@ async def _publish_while_the_connection_is_lost(prefix: str) -> None:
 
 def test_a_lost_connection_raises_at_once(prefix):
     asyncio.run(asyncio.wait_for(_publish_while_the_connection_is_lost(prefix), 20))
+
+
+async def _nacked_together_then_sent(queue_name: str) -> tuple[int, bool, int]:
+    connection = await broker.connect(BROKER_URL, "test_publish")
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        reopened = []
+        channel.reopen_callbacks.add(lambda *_: reopened.append(1))
+        full = await channel.declare_queue(queue_name, durable=True,
+                                           arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        try:
+            nacked = await channel.get_underlay_channel()
+            results = await asyncio.gather(*(broker.publish_persistent(channel, "", queue_name, b"refused", None, USER)
+                                             for _ in range(5)), return_exceptions=True)
+            refused = sum(isinstance(r, aiormq.exceptions.DeliveryError) for r in results)
+            renewed = await channel.get_underlay_channel()
+            opened_again = renewed is not nacked and not renewed.is_closed
+            await broker.publish_persistent(channel, "", f"{queue_name}.nobody", b"taken", None, USER)
+            return refused, opened_again, len(reopened)
+        finally:
+            await full.delete(if_unused=False, if_empty=False)
+
+
+def test_a_nack_renews_the_channel_once_and_the_next_publish_goes_out_on_the_new_one(prefix):
+    """After a broker node died, RabbitMQ 3.10 kept nacking whatever a channel opened during the
+    quorum queues' leader election sent: sending again must use a new channel (broker.renew_after_nack)."""
+    refused, opened_again, reopened = asyncio.run(_nacked_together_then_sent(f"{prefix}.full"))
+    assert refused == 5
+    assert opened_again          # a fresh AMQP channel under the same robust one, which then sent
+    assert reopened == 1         # five nacks, one renewal
