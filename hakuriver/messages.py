@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, ValidationInfo,
                       field_validator, model_validator)
@@ -24,6 +24,9 @@ from hakuriver.bounds import (COMBINED_EVENTS_BYTES, DEFAULT_RETRY_DELAY_S, MAX_
 from hakuriver.mounts import parse_mount
 from hakuriver.states import TaskState
 from hakuriver.topology import target_key
+
+if TYPE_CHECKING:   # the outbox's row type; importing the outbox itself would add asyncio and sqlite3 here
+    from hakuriver.outbox import Row
 
 VERSION = 1
 
@@ -183,11 +186,7 @@ class StateEvent(Message):
 
 BCC_HEADER = "BCC"   # RabbitMQ's sender-selected distribution: more routing keys, stripped before delivery
 
-# exchange, routing key, body, headers: a message as the outbox (hakuriver.outbox) keeps and publishes it
-OutboxRow = tuple[str, str, bytes, dict[str, Any] | None]
-
-
-def combine_state_events(rows: list[OutboxRow], events_exchange: str) -> list[OutboxRow]:
+def combine_state_events(rows: list[Row], events_exchange: str) -> list[Row]:
     """``rows`` with each run of consecutive state events made into one message: the outbox's
     ``combine`` (the runner's and the host's). Every other row stays as it is, and in its place.
 
@@ -200,8 +199,8 @@ def combine_state_events(rows: list[OutboxRow], events_exchange: str) -> list[Ou
     array reaches COMBINED_EVENTS_BYTES; a run of one stays the plain object it always was.
     A state event is a row on ``events_exchange`` with a ``task.<id>.state`` key and no headers.
     """
-    out: list[OutboxRow] = []
-    run: list[OutboxRow] = []
+    out: list[Row] = []
+    run: list[Row] = []
     size = 1   # the array's bytes so far: "[", then each body with the "," or "]" after it
     for row in rows:
         exchange, key, body, headers = row
@@ -229,7 +228,7 @@ def state_event_combiner(events_exchange: str):
     return functools.partial(combine_state_events, events_exchange=events_exchange)
 
 
-def _one_message(run: list[OutboxRow]) -> OutboxRow:
+def _one_message(run: list[Row]) -> Row:
     if len(run) == 1:
         return run[0]
     exchange, key = run[0][0], run[0][1]
